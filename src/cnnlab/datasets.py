@@ -288,7 +288,8 @@ def download_file(url: str, dest: Path, md5: str, progress: bool) -> None:
                 urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S)
             )
             length_header = response.headers.get("Content-Length")
-            expected_bytes = int(length_header) if length_header and length_header.isdigit() else None
+            has_length = bool(length_header) and length_header.isdigit()
+            expected_bytes = int(length_header) if has_length else None
             out = stack.enter_context(open(part, "wb"))
             advance = _progress_bar(stack, dest.name, expected_bytes) if progress else None
             while chunk := response.read(_DOWNLOAD_CHUNK_BYTES):
@@ -359,7 +360,9 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the path") from None
     except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror}); check its permissions") from error
+        raise DataError(
+            f"{path}: cannot be read ({error.strerror}); check that it is a readable file"
+        ) from error
 
 
 def _local_candidate(folder: Path, standard_name: str) -> Path | None:
@@ -485,7 +488,8 @@ def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
     if type_code != _IDX_UNSIGNED_BYTE:
         raise DataError(
             f"{path}: bad magic number 0x{raw[:4].hex()}: element type 0x{type_code:02x} is not "
-            f"unsigned byte (0x08); cnnlab reads only unsigned-byte IDX, replace it with the original file"
+            f"unsigned byte (0x08); cnnlab reads only unsigned-byte IDX, replace it with the "
+            f"original file"
         )
     if ndim == 0:
         raise DataError(
