@@ -16,7 +16,6 @@ import io
 import os
 import re
 import socket
-import struct
 import threading
 import warnings
 from pathlib import Path
@@ -38,50 +37,11 @@ from cnnlab.datasets import (
     read_idx,
 )
 from cnnlab.errors import DataError, DataWarning
-
-TRAIN_COUNT, TEST_COUNT = 6, 4
+from idx_files import TEST_COUNT, TRAIN_COUNT, idx_bytes, tiny_split_arrays, write_dataset_folder, write_idx
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
-    """Encode an array as an IDX file: magic (0, 0, type, ndim), big-endian dims, data."""
-    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
-    data = idx_bytes(array)
-    # mtime=0 makes the gzip bytes, and so their MD5, reproducible.
-    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
-    return path
-
-
-def tiny_split_arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    """Small but valid MNIST-shaped arrays for the four files."""
-    rng = np.random.default_rng(seed)
-    return {
-        "train_images": rng.integers(0, 256, (TRAIN_COUNT, 28, 28), dtype=np.uint8),
-        "train_labels": rng.integers(0, 10, TRAIN_COUNT, dtype=np.uint8),
-        "test_images": rng.integers(0, 256, (TEST_COUNT, 28, 28), dtype=np.uint8),
-        "test_labels": rng.integers(0, 10, TEST_COUNT, dtype=np.uint8),
-    }
-
-
-def write_dataset_folder(
-    folder: Path, arrays: dict[str, np.ndarray] | None = None, compress: bool = True
-) -> dict[str, Path]:
-    """Write the four standard files (as in the registry) into folder; return their paths."""
-    arrays = arrays if arrays is not None else tiny_split_arrays()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for key in FILE_KEYS:
-        name = DATASETS["mnist"].files[key]
-        name = name if compress else name.removesuffix(".gz")
-        paths[key] = write_idx(folder / name, arrays[key], compress=compress)
-    return paths
 
 
 def register_tiny(monkeypatch, folder: Path, mirrors: tuple[str, ...] = ()) -> DatasetInfo:

@@ -171,6 +171,28 @@ def summary(model: Annotated[str, typer.Argument(help="A built-in model name or 
 
 
 @app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="A Keras model.to_json() file, a cnnlab spec or a built-in model name.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the TOML spec here (default: stdout).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the cnnlab TOML spec of a Keras JSON model (or of any spec), ready to edit.
+
+    Example: cnnlab convert model.json -o model.toml
+    """
+    from cnnlab.models import resolve_model
+    from cnnlab.runs import write_text
+    from cnnlab.spec import spec_to_toml
+
+    text = spec_to_toml(resolve_model(source))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_text(output, text)
+        err_console.print(f"Wrote {output}", highlight=False)
+
+
+@app.command()
 def datasets(data_dir: DataDirOpt = None, debug: DebugOpt = False) -> None:
     """List the known datasets, their sizes and classes, and whether they are available here."""
     from rich.table import Table

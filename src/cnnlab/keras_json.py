@@ -25,7 +25,6 @@ import math
 import re
 from typing import Any, Callable
 
-from cnnlab.errors import SpecError
 from cnnlab.spec import ACTIVATIONS, INITIALIZERS, ModelSpec, _Where, parse_spec
 
 # Keras class name -> cnnlab layer type. InputLayer is read for the input shape only.
@@ -37,7 +36,7 @@ LAYER_CLASSES = {
     "Flatten": "Flatten",
     "Dense": "Dense",
     "BatchNormalization": "BatchNormalization",
-    "BatchNormalizationV1": "BatchNormalization",  # tf.keras 1.13-1.15
+    "BatchNormalizationV1": "BatchNormalization",  # tf.keras in TensorFlow 1.13-1.15
     "BatchNormalizationV2": "BatchNormalization",
     "Activation": "Activation",
 }
@@ -65,7 +64,9 @@ class _Reject(Exception):
 
 
 def _show(value: Any) -> str:
-    """A value as it reads in the JSON file (null, true, [2, 2], "same")."""
+    """A value as it reads in the JSON file (null, true, [2, 2], "same"); Keras objects as L2({"l2": 0.01})."""
+    if isinstance(value, dict) and isinstance(value.get("class_name"), str):
+        return f"{value['class_name']}({_show(value.get('config', {}))})"
     try:
         return json.dumps(value)
     except (TypeError, ValueError):
@@ -265,12 +266,12 @@ FIELDS: dict[str, dict[str, Handler]] = {
         "quantization_config": _null("quantized layers"),
     },
     "BatchNormalization": {
-        "axis": _accept,  # checked against the input's rank in _batchnorm_axis
+        "axis": _accept,  # checked against the input's rank in _check_batchnorm
         "momentum": _keep("momentum"),
         "epsilon": _keep("epsilon"),
         "center": _keep("center"),
         "scale": _keep("scale"),
-        "beta_initializer": _accept,  # checked in _batchnorm_initializers
+        "beta_initializer": _accept,  # checked in _check_batchnorm
         "gamma_initializer": _accept,
         "moving_mean_initializer": _accept,
         "moving_variance_initializer": _accept,
@@ -310,8 +311,10 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
                           "Keras 2 or 3 and save it again with model.to_json()")
     if class_name in ("Functional", "Model"):
         raise where.error(f"a Keras {class_name} model is {NOT_SEQUENTIAL}")
-    if class_name != "Sequential" or not _is_keras_module(data.get("module")):
-        raise where.error(f"a {class_name!r} model from module {data.get('module') or 'keras'!r} is {NOT_SEQUENTIAL}")
+    if not _is_keras_module(data.get("module")):
+        raise where.error(f"the custom model class {class_name!r} from module {data['module']!r} is {NOT_SEQUENTIAL}")
+    if class_name != "Sequential":
+        raise where.error(f"a Keras {class_name!r} model is {NOT_SEQUENTIAL}")
     config = data.get("config")
     if isinstance(config, list):  # Keras <= 2.1: the config is the list of layers
         config = {"layers": config}
@@ -326,7 +329,7 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
     input_shape = None
     layers = []
     rank = 4  # of the current activation, with the batch axis: 4 until a Flatten, then 2
-    for position, raw in enumerate(config["layers"]):
+    for raw in config["layers"]:
         if not isinstance(raw, dict) or not isinstance(raw.get("class_name"), str) or not isinstance(raw.get("config"), dict):
             raise where.error("each layer must be {\"class_name\": ..., \"config\": {...}}", len(layers) + 1)
         keras_class, layer_config = raw["class_name"], raw["config"]

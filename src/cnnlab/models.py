@@ -72,8 +72,11 @@ def keras_init_(tensor: torch.Tensor, name: str, generator: torch.Generator | No
     if name == "ones":
         nn.init.ones_(tensor)
         return
-    receptive = math.prod(tensor.shape[2:]) if tensor.dim() > 2 else 1
-    fan_in, fan_out = tensor.shape[1] * receptive, tensor.shape[0] * receptive
+    if tensor.dim() == 1:  # a bias: Keras takes fan_in = fan_out = its length
+        fan_in = fan_out = tensor.shape[0]
+    else:
+        receptive = math.prod(tensor.shape[2:])
+        fan_in, fan_out = tensor.shape[1] * receptive, tensor.shape[0] * receptive
     family, distribution = name.split("_")
     scale, fan = {"glorot": (1.0, (fan_in + fan_out) / 2), "he": (2.0, fan_in), "lecun": (1.0, fan_in)}[family]
     variance = scale / fan
@@ -166,7 +169,7 @@ def _build_layer(layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.G
         conv = nn.Conv2d(channels, layer.filters, layer.kernel_size, stride=layer.strides, bias=layer.use_bias)
         keras_init_(conv.weight, layer.kernel_initializer, generator)
         if conv.bias is not None:
-            keras_init_(conv.bias.view(1, -1), layer.bias_initializer, generator)
+            keras_init_(conv.bias, layer.bias_initializer, generator)
         module: nn.Module = conv
         if layer.padding == "same":
             top, bottom = same_padding(height, layer.kernel_size[0], layer.strides[0])
@@ -193,7 +196,7 @@ def _build_layer(layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.G
         linear = nn.Linear(in_shape[0], layer.units, bias=layer.use_bias)
         keras_init_(linear.weight, layer.kernel_initializer, generator)
         if linear.bias is not None:
-            keras_init_(linear.bias.view(1, -1), layer.bias_initializer, generator)
+            keras_init_(linear.bias, layer.bias_initializer, generator)
         return _with_activation(linear, layer.activation)
     if isinstance(layer, BatchNormalization):
         return KerasBatchNorm(in_shape[-1], layer)

@@ -1,0 +1,188 @@
+"""The command line as a user types it: help, listings, errors as one line, and whole runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cnnlab.cli import main
+from idx_files import learnable_arrays, write_dataset_folder
+
+COMMANDS = ["models", "summary", "convert", "datasets", "train", "compare", "evaluate", "report"]
+
+
+def cnnlab(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `cnnlab` console script exactly as a shell would."""
+    env = {k: v for k, v in os.environ.items() if k != "CNNLAB_DATA_DIR"}
+    return subprocess.run([str(Path(sys.executable).with_name("cnnlab")), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_console_script_help():
+    result = cnnlab("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage" in out and "--debug" in out
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, params in (("convnet3", "4,060,426"), ("convnet5", "1,083,918"), ("convnet7", "379,014")):
+        assert name in out and params in out
+
+
+def test_models_show_prints_an_editable_spec(capsys):
+    assert main(["models", "--show", "convnet7"]) == 0
+    spec = tomllib.loads(capsys.readouterr().out)
+    assert spec["name"] == "convnet7" and len(spec["layers"]) == 25
+
+
+def test_summary_of_convnet5(capsys):
+    assert main(["summary", "convnet5"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2d_5 (Conv2D)" in out and "(None, 3, 3, 164)" in out and "524,964" in out
+    assert "Total params: 1,083,918" in out and "Trainable params: 1,083,406" in out
+    assert "Non-trainable params: 512" in out
+
+
+def one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
+    err = "\n".join(lines)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_spec_is_one_line_naming_file_layer_field(tmp_path, capsys):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('input_shape = [28, 28, 1]\n[[layers]]\ntype = "Dropout"\nrate = 1.5\n')
+    assert main(["summary", str(spec)]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith("error: ") and str(spec) in err and "layer 1 (Dropout)" in err and "'rate'" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["summary", "nonexistent_model", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_unknown_model_and_dataset(capsys, tmp_path):
+    assert main(["train", "convnet9"]) == 2
+    assert "unknown model 'convnet9'" in one_error_line(capsys)
+    assert main(["train", "convnet7", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "cifar10" in one_error_line(capsys)
+
+
+def test_missing_data_names_the_file_and_the_fix(tmp_path, capsys):
+    assert main(["train", "convnet7", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = one_error_line(capsys)
+    assert str(tmp_path / "mnist") in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu(capsys, tmp_path):
+    assert main(["train", "convnet7", "--device", "cuda", "--runs-dir", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in one_error_line(capsys)
+
+
+def test_unwritable_runs_dir(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(64, 32))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["train", "convnet7", "--data-dir", str(data), "--runs-dir", str(blocker / "runs"),
+                 "--epochs", "1"])
+    assert code == 2
+    err = one_error_line(capsys)
+    assert "cannot create a run folder" in err and "--runs-dir" in err
+
+
+def test_bad_seeds_option(capsys):
+    assert main(["compare", "--seeds", "a,b"]) == 2
+    assert "--seeds" in one_error_line(capsys)
+
+
+def test_train_evaluate_report_on_generated_data(tmp_path):
+    """A whole run on tiny generated IDX files, through the console script, as a user types it."""
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(512, 128))
+    spec = tmp_path / "small.toml"
+    spec.write_text("""
+name = "small"
+input_shape = [28, 28, 1]
+[[layers]]
+type = "Conv2D"
+filters = 4
+kernel_size = 3
+strides = 2
+activation = "relu"
+[[layers]]
+type = "Flatten"
+[[layers]]
+type = "Dense"
+units = 10
+activation = "softmax"
+""")
+    result = cnnlab("train", str(spec), "--data-dir", str(data), "--epochs", "3", "--lr", "0.01",
+                    "--runs-dir", str(tmp_path / "runs"), "--format", "svg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "checksums" in result.stderr  # generated files are not the canonical ones: one warning
+    assert "small epoch 3/3" in result.stdout and "Test acc" in result.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.endswith("-small")
+    for name in ("config.toml", "environment.json", "comparison.md", "comparison.csv", "comparison.json",
+                 "loss_small.svg", "accuracy_small.svg", "curves_all.svg", "small/spec.toml",
+                 "small/seed-0/history.csv", "small/seed-0/history.json", "small/seed-0/metrics.json",
+                 "small/seed-0/weights.pt"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.tmp")) and not (run_dir / "small/seed-0/checkpoint.pt").exists()
+    metrics = json.loads((run_dir / "small/seed-0/metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.9 and metrics["epochs"] == 3
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert config["train"]["epochs"] == 3 and config["models"] == ["small"]
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["torch"] and environment["torch_threads"] >= 1
+
+    evaluated = cnnlab("evaluate", str(run_dir), "--data-dir", str(data))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{metrics['test_accuracy']:.4f}" in evaluated.stdout
+
+    (run_dir / "comparison.md").unlink()
+    reported = cnnlab("report", str(run_dir), "--format", "svg")
+    assert reported.returncode == 0, reported.stderr
+    assert (run_dir / "comparison.md").is_file()
+
+
+def test_convert_keras_json_to_toml(tmp_path, capsys):
+    source = Path(__file__).parent / "fixtures" / "keras" / "seed_convnet7_keras3.json"
+    target = tmp_path / "convnet7.toml"
+    assert main(["convert", str(source), "-o", str(target)]) == 0
+    assert main(["summary", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "Total params: 379,014" in out and "Non-trainable params: 1,064" in out
+
+
+def test_unsupported_keras_layer_is_named(tmp_path, capsys):
+    source = json.loads((Path(__file__).parent / "fixtures" / "keras" / "seed_convnet7_keras3.json").read_text())
+    source["config"]["layers"][2]["class_name"] = "LSTM"
+    path = tmp_path / "lstm.json"
+    path.write_text(json.dumps(source))
+    assert main(["summary", str(path)]) == 2
+    err = one_error_line(capsys)
+    assert str(path) in err and "LSTM" in err
