@@ -36,19 +36,24 @@ class KerasAdam(torch.optim.Optimizer):
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    # The step count is a tensor on the parameter's device: no host sync on a GPU,
+                    # and torch.compile sees one graph for every step.
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
                 ms.append(state["m"])
                 vs.append(state["v"])
-            t = self.state[params[0]]["step"]
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1.0)
+            t = steps[0].double()  # float64 for the bias corrections: exact for any step count
             beta_1, beta_2 = group["beta_1"], group["beta_2"]
-            alpha = group["lr"] * math.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+            alpha = group["lr"] * torch.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
             torch._foreach_lerp_(ms, grads, 1 - beta_1)          # m = b1 m + (1 - b1) g
             torch._foreach_mul_(vs, beta_2)                       # v = b2 v + (1 - b2) g^2
             torch._foreach_addcmul_(vs, grads, grads, value=1 - beta_2)
             denominators = torch._foreach_sqrt(vs)
             torch._foreach_add_(denominators, group["epsilon"])
-            torch._foreach_addcdiv_(params, ms, denominators, value=-alpha)
+            updates = torch._foreach_div(ms, denominators)
+            torch._foreach_mul_(updates, -alpha)
+            torch._foreach_add_(params, updates)
         return None
