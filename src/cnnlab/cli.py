@@ -133,6 +133,8 @@ def _show_results(run_dir: Path, image_format: str) -> None:
     for comparison in summary.comparisons:
         console.print("- " + comparison.sentence(), highlight=False)
     console.print(f"Results written to {run_dir}/", highlight=False)
+    if summary.report is not None:
+        console.print(f"Report: {summary.report}", highlight=False)
 
 
 @app.command()
@@ -289,7 +291,10 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
     image_format: FormatOpt = "png", debug: DebugOpt = False,
 ) -> None:
-    """(Re)write a run folder's comparison table and plots from its saved results."""
+    """(Re)write a run folder's table, plots, report.html and report.md from its saved results.
+
+    Example: cnnlab report runs/20261126-101500-compare
+    """
     _show_results(run_dir, image_format)
 
 

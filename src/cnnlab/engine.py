@@ -71,6 +71,7 @@ class Hardware:
     compiled: bool
     channels_last: bool
     threads: int
+    compile_mode: str = "default"  # torch.compile mode when compiled
 
 
 @dataclass
@@ -180,7 +181,7 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     compiled = config.compile == "on" or (config.compile == "auto" and on_cuda)
     name = torch.cuda.get_device_name(device) if on_cuda else _cpu_name()
     return Hardware(str(device), name, precision, compiled, channels_last=on_cuda,
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), compile_mode="reduce-overhead" if on_cuda else "default")
 
 
 def _cpu_name() -> str:
@@ -271,39 +272,47 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Hardware
                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One optimisation step; returns (loss summed over the batch, number correct) as tensors."""
+    """One optimisation step; returns (loss summed over the batch, number correct) as tensors.
 
-    def forward_backward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _autocast(hardware):
-            logits = model(x)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        correct = (logits.detach().argmax(dim=1) == y).sum()
-        return loss.detach() * len(y), correct
-
+    Compiled, the model's forward and backward and the optimizer's update are each one graph (on
+    CUDA replayed as CUDA graphs with mode 'reduce-overhead'), so a step costs a few launches.
+    """
+    forward, optimizer_step = model, optimizer.step
     if hardware.compiled:
-        forward_backward = torch.compile(forward_backward)
+        # Static shapes: the full batch and the epoch's last partial batch get a graph each.
+        forward = torch.compile(model, mode=hardware.compile_mode, dynamic=False)
+        optimizer_step = torch.compile(optimizer.step, mode=hardware.compile_mode, dynamic=False)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hardware.compiled and hardware.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         optimizer.zero_grad(set_to_none=True)
-        result = forward_backward(x, y)
-        optimizer.step()
-        return result
+        with _autocast(hardware):
+            logits = forward(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y)
+        # Read what we need from the forward's outputs before other graphs run and may reuse them.
+        batch_loss = loss.detach() * len(y)
+        correct = (logits.detach().argmax(dim=1) == y).sum()
+        loss.backward()
+        optimizer_step()
+        return batch_loss, correct
 
     return step
 
 
 def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
           reporter: Reporter | None = None, checkpoint_path: Path | None = None,
-          save_checkpoint: Callable[[Path, dict], None] | None = None) -> TrainResult:
+          save_checkpoint: Callable[[Path, dict], None] | None = None,
+          hardware: Hardware | None = None) -> TrainResult:
     """Train `spec` from scratch (or from `checkpoint_path` if it exists) and evaluate on the test split.
 
     `save_checkpoint(path, state)` is called after every epoch when given (the run folder writes it
-    atomically), so an interrupted run can resume from its last completed epoch.
+    atomically), so an interrupted run can resume from its last completed epoch. `hardware`
+    overrides what `config` resolves to (benchmarks compare settings with it).
     """
     config.validate()
-    hardware = resolve_hardware(config)
+    hardware = hardware or resolve_hardware(config)
     device = torch.device(hardware.device)
     reporter = reporter or _SilentReporter()
     # Dropout draws from PyTorch's global generator: fork it, so training leaves the caller's

@@ -101,7 +101,7 @@ def run_experiment(run_dir: Path, experiment: Experiment, dataset: Dataset,
             result = train(spec, splits, experiment.train, seed=seed, reporter=reporter,
                            checkpoint_path=folder / "checkpoint.pt", save_checkpoint=save_torch)
             save_unit(run_dir, spec.name, seed, result, summary.total_params, summary.training_flops,
-                      splits.test_labels)
+                      splits.test_labels, test_images=splits.test_images)
             del splits
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
-"""Learning-curve plots: the seed's train-vs-validation loss per model, accuracy, and all models overlaid.
+"""The run's figures: learning curves, confusion matrices and the most confident mistakes.
 
-With several seeds each seed's curve is drawn faint and the mean over seeds bold.
+Learning curves are the seed's train-vs-validation loss per model, accuracy, and all models
+overlaid; with several seeds each seed's curve is drawn faint and the mean over seeds bold.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnlab.runs import UnitResult, atomic_path  # noqa: E402
 
@@ -33,6 +35,7 @@ def _draw(ax, units: Sequence[UnitResult], key: str, color: str, label: str) -> 
         for curve in curves:
             ax.plot(epochs, curve, color=color, alpha=0.25, linewidth=1)
     ax.plot(epochs, np.mean(curves, axis=0), color=color, linewidth=2, label=label, marker="o", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -87,3 +90,44 @@ def write_plots(run_dir: Path, units: Sequence[UnitResult], image_format: str = 
             paths.append(model_figure(group, curve, run_dir / f"{curve}_{model}.{image_format}"))
     paths.append(overlay_figure(groups, run_dir / f"curves_all.{image_format}"))
     return paths
+
+
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with each cell's count written in."""
+    size = max(4.5, 0.45 * len(classes) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.92))
+    # Rows are normalised for the colour so rare classes' errors stay visible; the numbers are counts.
+    row_totals = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(matrix / row_totals, cmap="Blues", vmin=0, vmax=1)
+    threshold = 0.5
+    for (row, col), count in np.ndenumerate(matrix):
+        if count:
+            dark = matrix[row, col] / row_totals[row, 0] > threshold
+            ax.text(col, row, f"{count:,}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else ("black" if row == col else "tab:red"))
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, labels=classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right"
+                  if max(map(len, classes)) > 2 else "center", fontsize=8)
+    ax.set_yticks(ticks, labels=classes, fontsize=8)
+    ax.set(title=title, xlabel="Predicted class", ylabel="True class")
+    return save_figure(fig, path)
+
+
+def mistakes_figure(images: np.ndarray, true_labels: Sequence[int], predicted: Sequence[int],
+                    confidences: Sequence[float], classes: Sequence[str], title: str, path: Path,
+                    columns: int = 8) -> Path:
+    """A grid of misclassified test images (uint8, (N, H, W) or (N, H, W, C)), labelled true / predicted."""
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.75 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= count:
+            continue
+        image = images[i]
+        ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"true {classes[true_labels[i]]}\npred {classes[predicted[i]]}\n{confidences[i]:.1%}",
+                     fontsize=7.5, y=-0.02, va="top", linespacing=1.15)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(h_pad=2.2)
+    return save_figure(fig, path)

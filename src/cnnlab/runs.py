@@ -5,7 +5,8 @@ Layout of `runs/<timestamp>-<name>/`:
     config.toml              the resolved configuration and the command that made the run
     environment.json         versions, device and its name, threads, git commit
     <model>/spec.toml        the model's spec, as trained
-    <model>/seed-<n>/history.csv, history.json, metrics.json, weights.pt, predictions.pt
+    <model>/seed-<n>/history.csv, history.json, metrics.json, weights.pt, predictions.pt,
+                     mistakes.pt (the test images it gets wrong with the highest confidence)
     <model>/seed-<n>/checkpoint.pt   (while training; removed when the model/seed is finished)
     comparison.{md,csv,json}, *.png, report.{html,md}   (written by `report`)
 
@@ -189,14 +190,27 @@ class UnitResult:
 
 
 def save_unit(run_dir: Path, model_name: str, seed: int, result: TrainResult, params: int,
-              train_flops: int, test_labels: torch.Tensor) -> UnitResult:
-    """Write a finished model/seed: history, weights, predictions, then metrics.json (last)."""
+              train_flops: int, test_labels: torch.Tensor, test_images: torch.Tensor | None = None,
+              mistakes: int = 16) -> UnitResult:
+    """Write a finished model/seed: history, weights, predictions, then metrics.json (last).
+
+    With `test_images`, the `mistakes` test images the model gets wrong with the highest confidence
+    are kept too (uint8, with true and predicted label), so a report needs only the run folder.
+    """
     folder = unit_dir(run_dir, model_name, seed)
     write_text(folder / "history.csv", history_csv(result.history))
     write_json(folder / "history.json", [asdict(r) for r in result.history])
     save_torch(folder / "weights.pt", {k: v.cpu() for k, v in result.model.state_dict().items()})
-    save_torch(folder / "predictions.pt", {"labels": test_labels.cpu(), "predictions": result.test.predictions,
+    labels = test_labels.cpu()
+    save_torch(folder / "predictions.pt", {"labels": labels, "predictions": result.test.predictions,
                                            "confidences": result.test.confidences})
+    if test_images is not None:
+        wrong = torch.nonzero(result.test.predictions != labels).flatten()
+        worst = wrong[result.test.confidences[wrong].argsort(descending=True, stable=True)[:mistakes]]
+        save_torch(folder / "mistakes.pt", {
+            "indices": worst, "images": test_images[worst.to(test_images.device)].cpu(),
+            "labels": labels[worst], "predictions": result.test.predictions[worst],
+            "confidences": result.test.confidences[worst]})
     metrics = metrics_of(model_name, seed, result, params, train_flops)
     write_json(folder / "metrics.json", metrics)
     (folder / "checkpoint.pt").unlink(missing_ok=True)

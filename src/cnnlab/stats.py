@@ -46,6 +46,8 @@ def aggregate(values: Sequence[float], confidence: float = 0.95) -> Aggregate:
     """Mean, std (ddof 1) and the t-interval of the mean; one value has no spread or interval."""
     sample = np.asarray(values, dtype=float)
     n = len(sample)
+    if n == 0:
+        return Aggregate(math.nan, math.nan, math.nan, math.nan, 0)
     mean = float(sample.mean())
     if n < 2:
         return Aggregate(mean, 0.0, math.nan, math.nan, n)
@@ -113,6 +115,15 @@ class Comparison:
         return self.n_a >= 2 and self.n_b >= 2 and not math.isnan(self.p_value)
 
     @property
+    def untestable_reason(self) -> str:
+        """Why no test was made ('' when one was): too few seeds, or a NaN result (a diverged run)."""
+        if self.testable:
+            return ""
+        if self.n_a < 2 or self.n_b < 2:
+            return "needs at least 2 seeds per model, e.g. --seeds 3"
+        return "a test accuracy is NaN; a run may have diverged"
+
+    @property
     def significant(self) -> bool:
         return self.testable and self.p_value < self.alpha
 
@@ -121,19 +132,20 @@ class Comparison:
         seeds = f"{self.n_a} seeds" if self.n_a == self.n_b else f"{self.n_a} and {self.n_b} seeds"
         if not self.testable:
             return (f"{self.a} vs {self.b}: {self.difference * 100:+.2f} pp in test accuracy; "
-                    "not tested (needs at least 2 seeds per model, e.g. --seeds 3)")
-        detail = (f"95% CI {self.ci_low * 100:.2f} to {self.ci_high * 100:.2f}, p = {_format_p(self.p_value)}, {seeds}")
+                    f"not tested ({self.untestable_reason})")
+        detail = f"95% CI {self.ci_low * 100:.2f} to {self.ci_high * 100:.2f}, {_format_p(self.p_value)}, {seeds}"
         if not self.significant:
             return f"{self.a} vs {self.b}: no significant difference ({self.difference * 100:+.2f} pp, {detail})"
         winner, loser = (self.a, self.b) if self.difference > 0 else (self.b, self.a)
         low, high = sorted((abs(self.ci_low), abs(self.ci_high)))
         if self.difference < 0:
-            detail = f"95% CI {low * 100:.2f} to {high * 100:.2f}, p = {_format_p(self.p_value)}, {seeds}"
+            detail = f"95% CI {low * 100:.2f} to {high * 100:.2f}, {_format_p(self.p_value)}, {seeds}"
         return f"{winner} beats {loser} by {abs(self.difference) * 100:.2f} pp ({detail})"
 
 
 def _format_p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    """'p = 0.021', or 'p < 0.001' where three decimals would show zero."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def welch(a: Sequence[float], b: Sequence[float], name_a: str = "a", name_b: str = "b",
@@ -160,5 +172,6 @@ def pairwise(units: Sequence[UnitResult], alpha: float = 0.05) -> list[Compariso
     accuracies: dict[str, list[float]] = {}
     for unit in units:
         accuracies.setdefault(unit.model, []).append(unit.test_accuracy)
-    ranked = sorted(accuracies, key=lambda m: -float(np.mean(accuracies[m])))
+    means = {model: float(np.mean(values)) for model, values in accuracies.items()}
+    ranked = sorted(means, key=lambda m: (math.isnan(means[m]), -means[m]))  # NaN (diverged) last
     return [welch(accuracies[a], accuracies[b], a, b, alpha) for a, b in combinations(ranked, 2)]

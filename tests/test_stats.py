@@ -1,0 +1,203 @@
+"""Tests for cnnlab.stats: aggregation over seeds, Welch's test, the verdict sentences and NaN results.
+
+The hand-computed example: a = [0.98, 0.99, 1.00] and b = [0.95, 0.96, 0.97] have equal sample
+variances 1e-4, so the standard error of the difference is sqrt(2e-4 / 3), t^2 = 0.03^2 / (2e-4 / 3)
+= 13.5, and Welch's degrees of freedom are exactly 4. The t distribution with 4 degrees of freedom
+has a closed-form CDF, which gives the p-value without scipy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from cnnlab.engine import EpochRecord
+from cnnlab.runs import UnitResult
+from cnnlab.stats import Comparison, aggregate, model_stats, pairwise, welch
+from cnnlab.tables import columns, table_rows
+
+A = [0.98, 0.99, 1.00]
+B = [0.95, 0.96, 0.97]
+T_975_DF4 = 2.7764451051977934  # tables: two-sided 95% quantile of Student's t, 4 degrees of freedom
+T_975_DF2 = 4.302652729749462
+
+
+def t4_cdf(t: float) -> float:
+    """CDF of Student's t with 4 degrees of freedom, in closed form."""
+    x = t * t / (t * t + 4)
+    return 0.5 + math.copysign(0.5, t) * math.sqrt(x) * (1 + 0.5 * (1 - x))
+
+
+def unit(model: str, seed: int, accuracy: float, loss: float = 0.1, params: int = 1000) -> UnitResult:
+    history = [EpochRecord(1, 0.5, 0.9, loss, accuracy, 1.0, 0.1, 1000.0)]
+    metrics = {"model": model, "seed": seed, "epochs": 1, "train_accuracy": 0.9, "train_loss": 0.5,
+               "test_loss": loss, "test_accuracy": accuracy, "wall_seconds": 1.1 + seed, "train_seconds": 1.0,
+               "seconds_per_epoch": 1.1, "samples_per_second": 1000.0, "params": params,
+               "train_gflops_per_second": 2.0,
+               "hardware": {"device": "cpu", "device_name": "Test CPU", "precision": "fp32", "compiled": False,
+                            "channels_last": False, "threads": 2}}
+    return UnitResult(model, seed, history, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregate
+
+
+def test_aggregate_matches_hand_computation() -> None:
+    result = aggregate(A)
+    assert result.n == 3
+    assert result.mean == pytest.approx(0.99, abs=1e-12)
+    assert result.std == pytest.approx(0.01, abs=1e-12)
+    half = T_975_DF2 * 0.01 / math.sqrt(3)
+    assert (result.ci_low, result.ci_high) == pytest.approx((0.99 - half, 0.99 + half), abs=1e-12)
+    assert result.format() == "0.9900 ± 0.0100"
+    assert result.format_ci() == f"[{0.99 - half:.4f}, {0.99 + half:.4f}]"
+
+
+def test_aggregate_matches_scipy_interval() -> None:
+    values = np.random.default_rng(3).normal(0.99, 0.002, size=7)
+    result = aggregate(values)
+    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy_stats.sem(values))
+    assert (result.ci_low, result.ci_high) == pytest.approx((low, high), rel=1e-12)
+
+
+def test_aggregate_of_one_value_has_no_spread_or_interval() -> None:
+    result = aggregate([0.9912])
+    assert (result.mean, result.std, result.n) == (0.9912, 0.0, 1)
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high)
+    assert result.format() == "0.9912"
+    assert result.format_ci() == ""
+
+
+def test_aggregate_of_nothing_is_nan_without_warnings() -> None:
+    with np.errstate(all="raise"):
+        result = aggregate([])
+    assert result.n == 0 and math.isnan(result.mean)
+
+
+def test_aggregate_propagates_nan() -> None:
+    result = aggregate([0.99, math.nan, 0.98])
+    assert math.isnan(result.mean) and math.isnan(result.ci_low)
+
+
+# ---------------------------------------------------------------------------------------------
+# welch
+
+
+def test_welch_matches_hand_computation() -> None:
+    c = welch(A, B, "a", "b")
+    standard_error = math.sqrt(2e-4 / 3)
+    t = 0.03 / standard_error
+    assert t * t == pytest.approx(13.5)
+    assert c.p_value == pytest.approx(2 * (1 - t4_cdf(t)), rel=1e-9)
+    assert c.p_value == pytest.approx(0.0213116, abs=1e-6)
+    assert c.difference == pytest.approx(0.03, abs=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx((0.03 - T_975_DF4 * standard_error,
+                                                   0.03 + T_975_DF4 * standard_error), rel=1e-9)
+    assert c.significant
+    assert c.sentence() == "a beats b by 3.00 pp (95% CI 0.73 to 5.27, p = 0.021, 3 seeds)"
+
+
+@pytest.mark.parametrize("n_a, n_b, seed", [(3, 3, 0), (5, 3, 1), (2, 8, 2), (10, 10, 3)])
+def test_welch_matches_scipy(n_a: int, n_b: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(0.991, 0.002, n_a), rng.normal(0.989, 0.004, n_b)
+    c = welch(a, b)
+    reference = scipy_stats.ttest_ind(a, b, equal_var=False)
+    interval = reference.confidence_interval(0.95)
+    assert c.p_value == pytest.approx(reference.pvalue, rel=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx((interval.low, interval.high), rel=1e-9)
+    assert c.difference == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    assert (c.n_a, c.n_b) == (n_a, n_b)
+
+
+def test_welch_with_no_spread() -> None:
+    different = welch([0.99, 0.99], [0.98, 0.98], "a", "b")
+    assert different.p_value == 0.0 and different.significant
+    assert different.sentence() == "a beats b by 1.00 pp (95% CI 1.00 to 1.00, p < 0.001, 2 seeds)"
+    same = welch([0.99, 0.99], [0.99, 0.99], "a", "b")
+    assert same.p_value == 1.0 and not same.significant
+    assert same.sentence().startswith("a vs b: no significant difference (+0.00 pp")
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict in words
+
+
+def test_sentence_when_the_second_model_wins() -> None:
+    c = welch(B, A, "convnet7", "convnet3")
+    assert c.difference < 0 and c.significant
+    assert c.sentence() == "convnet3 beats convnet7 by 3.00 pp (95% CI 0.73 to 5.27, p = 0.021, 3 seeds)"
+
+
+def test_sentence_when_not_significant() -> None:
+    c = welch([0.990, 0.992, 0.988], [0.989, 0.991, 0.990], "convnet3", "convnet5")
+    assert c.testable and not c.significant
+    assert c.sentence() == (f"convnet3 vs convnet5: no significant difference (+0.00 pp, 95% CI "
+                            f"{c.ci_low * 100:.2f} to {c.ci_high * 100:.2f}, p = {c.p_value:.3f}, 3 seeds)")
+
+
+def test_sentence_with_unequal_seed_counts() -> None:
+    c = welch([0.99, 0.991, 0.992, 0.993], [0.95, 0.951, 0.952], "a", "b")
+    assert c.sentence().endswith("p < 0.001, 4 and 3 seeds)")
+
+
+def test_sentence_when_not_testable_with_one_seed() -> None:
+    c = welch([0.99], [0.98, 0.97], "convnet3", "convnet7")
+    assert not c.testable and not c.significant
+    assert math.isnan(c.p_value) and math.isnan(c.ci_low)
+    assert c.sentence() == ("convnet3 vs convnet7: +1.50 pp in test accuracy; "
+                            "not tested (needs at least 2 seeds per model, e.g. --seeds 3)")
+
+
+def test_sentence_when_a_result_is_nan() -> None:
+    c = welch([0.99, math.nan, 0.98], [0.97, 0.96, 0.95], "diverged", "b")
+    assert not c.testable and not c.significant
+    assert c.sentence().endswith("not tested (a test accuracy is NaN; a run may have diverged)")
+
+
+def test_comparison_p_value_threshold_is_strict() -> None:
+    at_alpha = Comparison("a", "b", 0.01, 0.0, 0.02, 0.05, 3, 3)
+    assert at_alpha.testable and not at_alpha.significant
+
+
+# ---------------------------------------------------------------------------------------------
+# Over run results
+
+
+def test_model_stats_groups_by_model_in_order() -> None:
+    units = [unit("convnet7", s, a) for s, a in enumerate([0.97, 0.98, 0.99])]
+    units += [unit("convnet3", s, a, params=2000) for s, a in enumerate([0.99, 0.995])]
+    rows = model_stats(units)
+    assert [r.model for r in rows] == ["convnet7", "convnet3"]
+    assert rows[0].seeds == (0, 1, 2) and rows[1].params == 2000
+    assert rows[0].test_accuracy.mean == pytest.approx(0.98)
+    assert rows[0].wall_seconds == pytest.approx(2.1)  # the mean of 1.1, 2.1 and 3.1
+    assert "Test acc 95% CI" in columns(rows) and "Seeds" in columns(rows)
+    cells = dict(zip(columns(rows), table_rows(rows)[0]))
+    assert cells["Test acc"] == "0.9800 ± 0.0100" and cells["Seeds"] == "3"
+
+
+def test_table_hides_intervals_when_every_model_has_one_seed() -> None:
+    rows = model_stats([unit("a", 0, 0.9), unit("b", 0, 0.8)])
+    assert "Test acc 95% CI" not in columns(rows) and "Seeds" not in columns(rows)
+    assert len(table_rows(rows)[0]) == len(columns(rows))
+
+
+def test_pairwise_puts_the_better_model_first() -> None:
+    units = [unit("worse", s, a) for s, a in enumerate(B)] + [unit("better", s, a) for s, a in enumerate(A)]
+    (c,) = pairwise(units)
+    assert (c.a, c.b) == ("better", "worse") and c.difference > 0
+
+
+def test_pairwise_ranks_nan_models_last() -> None:
+    units = [unit("diverged", s, a) for s, a in enumerate([math.nan, 0.5, 0.5])]
+    units += [unit("low", s, a) for s, a in enumerate([0.90, 0.91, 0.92])]
+    units += [unit("high", s, a) for s, a in enumerate([0.98, 0.99, 0.97])]
+    comparisons = pairwise(units)
+    assert [(c.a, c.b) for c in comparisons] == [("high", "low"), ("high", "diverged"), ("low", "diverged")]
+    assert comparisons[0].significant
+    assert all("NaN" in c.sentence() for c in comparisons[1:])
