@@ -72,6 +72,7 @@ class Hardware:
     channels_last: bool
     threads: int
     compile_mode: str = "default"  # torch.compile mode when compiled
+    cuda_graph: bool = False       # capture each full-batch training step as one CUDA graph
 
 
 @dataclass
@@ -181,7 +182,7 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     compiled = config.compile == "on" or (config.compile == "auto" and on_cuda)
     name = torch.cuda.get_device_name(device) if on_cuda else _cpu_name()
     return Hardware(str(device), name, precision, compiled, channels_last=on_cuda,
-                    threads=torch.get_num_threads(), compile_mode="reduce-overhead" if on_cuda else "default")
+                    threads=torch.get_num_threads(), compile_mode="default", cuda_graph=compiled and on_cuda)
 
 
 def _cpu_name() -> str:
@@ -270,35 +271,91 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 # Training
 
 
-def _train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Hardware
-                   ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One optimisation step; returns (loss summed over the batch, number correct) as tensors.
+class TrainStep:
+    """One optimisation step on the batch `images[index]`; the batch's summed loss and number
+    correct accumulate in `totals` on the device, so nothing waits for the host."""
 
-    Compiled, the model's forward and backward and the optimizer's update are each one graph (on
-    CUDA replayed as CUDA graphs with mode 'reduce-overhead'), so a step costs a few launches.
-    """
-    forward, optimizer_step = model, optimizer.step
-    if hardware.compiled:
-        # Static shapes: the full batch and the epoch's last partial batch get a graph each.
-        forward = torch.compile(model, mode=hardware.compile_mode, dynamic=False)
-        optimizer_step = torch.compile(optimizer.step, mode=hardware.compile_mode, dynamic=False)
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Hardware,
+                 images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.optimizer, self.hardware, self.images, self.labels = optimizer, hardware, images, labels
+        self.totals = torch.zeros(2, device=images.device)  # [sum of losses, number correct]
+        self.forward, self.optimizer_step = model, optimizer.step
+        if hardware.compiled:
+            # Static shapes: the full batch and the epoch's last partial batch get a graph each.
+            self.forward = torch.compile(model, mode=hardware.compile_mode, dynamic=False)
+            if not hardware.cuda_graph:  # inside a CUDA graph the foreach update costs no launches
+                self.optimizer_step = torch.compile(optimizer.step, mode=hardware.compile_mode, dynamic=False)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if hardware.compiled and hardware.compile_mode == "reduce-overhead":
+    def reset(self) -> None:
+        """Zero the running totals (start of an epoch)."""
+        self.totals.zero_()
+
+    def __call__(self, index: torch.Tensor) -> None:
+        self.run(index)
+
+    def run(self, index: torch.Tensor) -> None:
+        """The step itself: forward, loss, metrics, backward, update."""
+        if self.hardware.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(hardware):
-            logits = forward(x)
+        x = _to_input(self.images[index], self.hardware.channels_last)
+        y = self.labels[index]
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.hardware):
+            logits = self.forward(x)
         logits = logits.float()
         loss = F.cross_entropy(logits, y)
         # Read what we need from the forward's outputs before other graphs run and may reuse them.
-        batch_loss = loss.detach() * len(y)
-        correct = (logits.detach().argmax(dim=1) == y).sum()
+        self.totals[0] += loss.detach() * len(y)
+        self.totals[1] += (logits.detach().argmax(dim=1) == y).sum()
         loss.backward()
-        optimizer_step()
-        return batch_loss, correct
+        self.optimizer_step()
 
-    return step
+
+class GraphedTrainStep(TrainStep):
+    """The whole training step of a full batch (gather, forward, loss, metrics, backward, Adam)
+    captured once as a CUDA graph and replayed: a step then costs one copy and one launch.
+
+    Capturing needs a few warm-up steps; they run on a snapshot that is then restored (weights,
+    optimizer state, random state, totals), so the training itself is unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, hardware: Hardware,
+                 images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        super().__init__(model, optimizer, hardware, images, labels)
+        self.model = model
+        self.static_index = torch.zeros(batch_size, dtype=torch.long, device=images.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, index: torch.Tensor) -> None:
+        if len(index) != len(self.static_index):
+            self.run(index)  # the epoch's partial last batch
+            return
+        self.static_index.copy_(index)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+    def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        tensors = list(self.model.state_dict().values()) + [self.totals]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values()]
+        return [(t, t.detach().clone()) for t in tensors]
+
+    def _capture(self) -> None:
+        snapshot, rng = self._snapshot(), torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile, autotune and allocate outside the capture
+                self.run(self.static_index)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for tensor, saved in snapshot:
+                tensor.copy_(saved)
+        torch.cuda.set_rng_state(rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run(self.static_index)
 
 
 def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
@@ -324,12 +381,16 @@ def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
         if hardware.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = KerasAdam(model.parameters(), lr=config.learning_rate, beta_1=config.beta_1,
-                              beta_2=config.beta_2, epsilon=config.epsilon)
+                              beta_2=config.beta_2, epsilon=config.epsilon)  # made after .to(device)
         shuffle_generator = torch.Generator().manual_seed(seed + 1)
         history: list[EpochRecord] = []
         if checkpoint_path is not None and checkpoint_path.exists():
             history = _restore(checkpoint_path, model, optimizer, shuffle_generator, device)
-        step = _train_step_fn(model, optimizer, hardware)
+        if hardware.cuda_graph:
+            step = GraphedTrainStep(model, optimizer, hardware, splits.train_images, splits.train_labels,
+                                    config.batch_size)
+        else:
+            step = TrainStep(model, optimizer, hardware, splits.train_images, splits.train_labels)
         n_train = len(splits.train_images)
         steps = math.ceil(n_train / config.batch_size)
         last_val: Evaluation | None = None
@@ -337,27 +398,25 @@ def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
             model.train()
             reporter.start_epoch(epoch, config.epochs, steps)
             order = torch.randperm(n_train, generator=shuffle_generator).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            step.reset()
             started = time.perf_counter()
             last_report = started
             for i in range(steps):
                 index = order[i * config.batch_size:(i + 1) * config.batch_size]
-                x = _to_input(splits.train_images[index], hardware.channels_last)
-                batch_loss, batch_correct = step(x, splits.train_labels[index])
-                loss_sum += batch_loss
-                correct += batch_correct
+                step(index)
                 now = time.perf_counter()
                 if now - last_report > 0.5 or i == steps - 1:  # a host sync at most twice a second
                     seen = min((i + 1) * config.batch_size, n_train)
-                    reporter.update(i + 1, seen, loss_sum.item() / seen, correct.item() / seen)
+                    loss_sum, correct = step.totals.tolist()
+                    reporter.update(i + 1, seen, loss_sum / seen, correct / seen)
                     last_report = now
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
             started = time.perf_counter()
             last_val = evaluate(model, splits.val_images, splits.val_labels, hardware, config.eval_batch_size)
-            record = EpochRecord(epoch, loss_sum.item() / n_train, correct.item() / n_train, last_val.loss,
+            loss_sum, correct = step.totals.tolist()
+            record = EpochRecord(epoch, loss_sum / n_train, correct / n_train, last_val.loss,
                                  last_val.accuracy, train_seconds, time.perf_counter() - started,
                                  n_train / train_seconds)
             history.append(record)

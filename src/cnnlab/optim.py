@@ -11,7 +11,6 @@ The update uses PyTorch's multi-tensor (`_foreach`) kernels: one pass over all p
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -25,6 +24,21 @@ class KerasAdam(torch.optim.Optimizer):
         if lr <= 0 or not 0 <= beta_1 < 1 or not 0 <= beta_2 < 1 or epsilon <= 0:
             raise ValueError("KerasAdam needs lr > 0, betas in [0, 1) and epsilon > 0")
         super().__init__(params, dict(lr=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        """Moments and step count, made eagerly: a compiled step then updates them in place, and
+        their fixed addresses let CUDA graphs replay the update (as torch.optim does when compiled)."""
+        state = self.state[p]
+        # The step count is a tensor on the parameter's device: no host sync on a GPU, and
+        # torch.compile sees one graph for every step.
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for tensor in state.values():
+            torch._dynamo.mark_static_address(tensor)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
@@ -35,12 +49,6 @@ class KerasAdam(torch.optim.Optimizer):
             grads, ms, vs = [p.grad for p in params], [], []
             for p in params:
                 state = self.state[p]
-                if not state:
-                    # The step count is a tensor on the parameter's device: no host sync on a GPU,
-                    # and torch.compile sees one graph for every step.
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 ms.append(state["m"])
                 vs.append(state["v"])
             steps = [self.state[p]["step"] for p in params]

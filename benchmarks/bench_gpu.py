@@ -1,0 +1,165 @@
+"""GPU benchmark: the whole seed comparison (3 models x 12 epochs x 60,000 images, validation after
+every epoch) with cnnlab's defaults, against plain eager PyTorch fp32 on the same GPU.
+
+Runs unattended on a CUDA machine; writes a JSON of results and prints a Markdown section for
+BENCHMARKS.md. Usage (data: a folder with fashion-mnist/ IDX files):
+
+    python benchmarks/bench_gpu.py --data-dir DATA [--epochs 12] [--out results.json]
+
+Timing discipline: compile/warm-up time is reported separately from training time; training wall
+time is measured with CUDA synchronisation at epoch boundaries (as `cnnlab` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.datasets import load_dataset
+from cnnlab.engine import TrainConfig, make_splits, resolve_hardware, train
+from cnnlab.models import build_model, resolve_model, summarize
+
+MODELS = ["convnet3", "convnet5", "convnet7"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eager_pytorch_epoch_seconds(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+    """Plain eager fp32 PyTorch as a user writes it (pytorch/examples' loop, data already on the GPU):
+    per-batch .item() of the loss, torch.optim.Adam; returns the extrapolated seconds per 60k epoch."""
+    device = images.device
+    model = build_model(resolve_model(name), seed=0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    model.train()
+    order = torch.randperm(len(images), device=device)
+    timings = []
+    for i in range(steps + 5):
+        index = order[(i * 128) % (len(images) - 128):][:128]
+        x = images[index].unsqueeze(1).float() / 255
+        y = labels[index]
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the per-batch logging every PyTorch example does
+        _sync(device)
+        if i >= 5:
+            timings.append(time.perf_counter() - start)
+    timings.sort()
+    return timings[len(timings) // 2] * math.ceil(60000 / 128)
+
+
+def run_cnnlab(name: str, data, device: torch.device, args, compile_setting: str) -> dict:
+    """cnnlab's defaults on one model: a warm-up epoch (compilation), then the timed full run.
+
+    `compile_setting` is auto/on/off, or a torch.compile mode to try instead of the default one."""
+    mode = None
+    if compile_setting not in ("auto", "on", "off"):
+        compile_setting, mode = "on", compile_setting
+    config = TrainConfig(epochs=args.epochs, compile=compile_setting, device=args.device, limit_train=args.limit_train)
+    hardware = resolve_hardware(config)
+    if mode is not None:
+        hardware = dataclasses.replace(hardware, compile_mode=mode, cuda_graph=False)
+    spec = resolve_model(name)
+    splits = make_splits(data.train_images, data.train_labels, data.test_images, data.test_labels, config, device, 0)
+    warm_config = TrainConfig(epochs=1, compile=compile_setting, device=args.device, limit_train=args.limit_train)
+    started = time.perf_counter()
+    train(spec, splits, warm_config, seed=0, hardware=hardware)
+    warm_seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(spec, splits, config, seed=0, hardware=hardware)
+    _sync(device)
+    wall = time.perf_counter() - started
+    epoch_seconds = [r.train_seconds + r.val_seconds for r in result.history]
+    later = epoch_seconds[1:] or epoch_seconds
+    steady = sorted(later)[len(later) // 2]
+    train_seconds = sum(r.train_seconds for r in result.history)
+    flops = summarize(spec).training_flops * len(splits.train_images) * args.epochs
+    return dict(
+        precision=hardware.precision, compiled=hardware.compiled, compile_mode=hardware.compile_mode,
+        cuda_graph=hardware.cuda_graph,
+        channels_last=hardware.channels_last, warmup_seconds=warm_seconds, wall_seconds=wall,
+        train_seconds=train_seconds, val_seconds=sum(r.val_seconds for r in result.history),
+        median_epoch_seconds=steady, first_epoch_seconds=epoch_seconds[0],
+        samples_per_second=result.history[-1].samples_per_second, test_accuracy=result.test.accuracy,
+        final_train_accuracy=result.history[-1].accuracy,
+        max_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        tflops_per_second=flops / train_seconds / 1e12,
+        speedup_vs_eager=None,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--baseline-steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    parser.add_argument("--compile", default="auto")
+    parser.add_argument("--limit-train", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data = load_dataset("fashion-mnist", data_dir=args.data_dir, progress=False)
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke test)", "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "models": {},
+    }
+
+    def save() -> None:
+        args.out.write_text(json.dumps(results, indent=2))
+
+    train_images, train_labels = data.train_images.to(device), data.train_labels.long().to(device)
+    for name in MODELS:
+        results["models"][name] = {"eager_fp32_epoch_seconds": eager_pytorch_epoch_seconds(
+            name, train_images, train_labels, args.baseline_steps)}
+        print(name, results["models"][name], flush=True)
+        save()
+
+    total_train = 0.0
+    for name in MODELS:
+        entry = results["models"][name]
+        # Fall back to compiling without CUDA graphs, then to eager, if a setting fails.
+        for compile_setting in dict.fromkeys([args.compile, "reduce-overhead", "off"]):
+            try:
+                entry.update(run_cnnlab(name, data, device, args, compile_setting))
+                break
+            except Exception as exc:  # noqa: BLE001 - recorded, then the fallback runs
+                entry[f"error_compile_{compile_setting}"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(name, "failed with compile", compile_setting, entry[f"error_compile_{compile_setting}"], flush=True)
+        if "median_epoch_seconds" in entry:
+            entry["speedup_vs_eager"] = entry["eager_fp32_epoch_seconds"] / entry["median_epoch_seconds"]
+        total_train += entry.get("wall_seconds", float("nan"))
+        print(name, json.dumps(entry), flush=True)
+        save()
+    results["total_wall_seconds"] = total_train
+    save()
+    print(f"\nWhole comparison ({len(MODELS)} models x {args.epochs} epochs x 60,000 images, validation each "
+          f"epoch): {total_train:.1f} s of training wall time on {results['gpu']}")
+    print("| model | eager fp32 s/epoch | cnnlab s/epoch | speed-up | samples/s | TFLOP/s | test acc | warm-up s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, e in results["models"].items():
+        if "median_epoch_seconds" not in e:
+            continue
+        print(f"| {name} | {e['eager_fp32_epoch_seconds']:.2f} | {e['median_epoch_seconds']:.2f} | "
+              f"{e['speedup_vs_eager']:.1f}x | {e['samples_per_second']:,.0f} | {e['tflops_per_second']:.1f} | "
+              f"{e['test_accuracy']:.4f} | {e['warmup_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
