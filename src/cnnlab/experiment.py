@@ -18,7 +18,7 @@ from cnnlab.engine import Reporter, TrainConfig, make_splits, resolve_device, tr
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.models import summarize
 from cnnlab.runs import (
-    UnitResult, environment, load_units, read_config, save_torch, save_unit, unit_dir, write_config, write_json,
+    UnitResult, environment, load_units, read_config, remove_partial_files, save_torch, save_unit, unit_dir, write_config, write_json,
     write_text,
 )
 from cnnlab.spec import ModelSpec, parse_spec, spec_to_toml
@@ -83,6 +83,7 @@ def run_experiment(run_dir: Path, experiment: Experiment, dataset: Dataset,
                    make_reporter: Callable[[str, int], Reporter] | None = None) -> list[UnitResult]:
     """Train every model with every seed not finished yet; return all finished results."""
     device = resolve_device(experiment.train.device)
+    remove_partial_files(run_dir)
     done = {(u.model, u.seed) for u in load_units(run_dir)}
     image_shape = tuple(dataset.train_images.shape[1:]) + ((1,) if dataset.train_images.dim() == 3 else ())
     for spec in experiment.specs:

@@ -50,12 +50,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_partial_files(run_dir: Path) -> None:
+    """Delete temporary files a killed process left behind (never a finished result)."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -231,7 +244,8 @@ def metrics_of(model_name: str, seed: int, result: TrainResult, params: int, tra
         "wall_seconds": result.train_seconds, "train_seconds": train_time,
         "seconds_per_epoch": result.train_seconds / len(history),
         "samples_per_second": throughput,
-        "params": params, "train_gflops_per_second": throughput * train_flops / 1e9,
+        "params": params, "train_flops_per_sample": train_flops, "inference_flops_per_sample": train_flops // 3,
+        "train_gflops_per_second": throughput * train_flops / 1e9,
         "hardware": asdict(result.hardware),
     }
 

@@ -72,6 +72,7 @@ class ModelStats:
     train_gflops_per_second: float
     precision: str
     device: str
+    train_flops_per_sample: int | None = None  # forward + backward; inference is a third of it
 
 
 def model_stats(units: Sequence[UnitResult]) -> list[ModelStats]:
@@ -92,6 +93,7 @@ def model_stats(units: Sequence[UnitResult]) -> list[ModelStats]:
             samples_per_second=float(np.mean(metric("samples_per_second"))),
             train_gflops_per_second=float(np.mean(metric("train_gflops_per_second"))),
             precision=hardware["precision"], device=hardware["device_name"],
+            train_flops_per_sample=group[0].metrics.get("train_flops_per_sample"),
         ))
     return rows
 

@@ -6,16 +6,13 @@ import csv
 import io
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.table import Table
 
+from cnnlab.models import format_flops
 from cnnlab.runs import write_json, write_text
 from cnnlab.stats import Comparison, ModelStats
-
-COLUMNS = ["Model", "Params", "Train acc", "Test loss", "Test acc", "Test acc 95% CI", "Seeds", "Wall time",
-           "s/epoch", "Samples/s", "Precision"]
-
 
 def format_duration(seconds: float) -> str:
     """'0:01:42' style, as the seed's table, with tenths under a minute."""
@@ -26,23 +23,44 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def table_rows(rows: Sequence[ModelStats]) -> list[list[str]]:
-    """The table's cells as text; spread and interval appear when a model has several seeds."""
+def _flops(row: ModelStats) -> str:
+    if row.train_flops_per_sample is None:
+        return ""
+    return f"{format_flops(row.train_flops_per_sample)} / {format_flops(row.train_flops_per_sample / 3)}"
+
+
+# (header, cell, shown only with several seeds)
+_COLUMNS: list[tuple[str, Callable[[ModelStats], str], bool]] = [
+    ("Model", lambda r: r.model, False),
+    ("Params", lambda r: f"{r.params:,}", False),
+    ("FLOPs/sample train / infer", _flops, False),
+    ("Train acc", lambda r: r.train_accuracy.format(), False),
+    ("Test loss", lambda r: r.test_loss.format(), False),
+    ("Test loss 95% CI", lambda r: r.test_loss.format_ci(), True),
+    ("Test acc", lambda r: r.test_accuracy.format(), False),
+    ("Test acc 95% CI", lambda r: r.test_accuracy.format_ci(), True),
+    ("Seeds", lambda r: str(len(r.seeds)), True),
+    ("Wall time", lambda r: format_duration(r.wall_seconds), False),
+    ("s/epoch", lambda r: f"{r.seconds_per_epoch:.1f}", False),
+    ("Samples/s", lambda r: f"{r.samples_per_second:,.0f}", False),
+    ("Precision", lambda r: r.precision, False),
+]
+
+
+def _shown(rows: Sequence[ModelStats]) -> list[tuple[str, Callable[[ModelStats], str], bool]]:
     multi = any(r.test_accuracy.n > 1 for r in rows)
-    out = []
-    for r in rows:
-        cells = [r.model, f"{r.params:,}", r.train_accuracy.format(), r.test_loss.format(),
-                 r.test_accuracy.format(), r.test_accuracy.format_ci(), str(len(r.seeds)),
-                 format_duration(r.wall_seconds), f"{r.seconds_per_epoch:.1f}", f"{r.samples_per_second:,.0f}",
-                 r.precision]
-        out.append(cells if multi else cells[:5] + cells[7:])
-    return out
+    return [column for column in _COLUMNS if multi or not column[2]]
+
+
+def table_rows(rows: Sequence[ModelStats]) -> list[list[str]]:
+    """The table's cells as text; spread and intervals appear when a model has several seeds."""
+    shown = _shown(rows)
+    return [[cell(r) for _, cell, _ in shown] for r in rows]
 
 
 def columns(rows: Sequence[ModelStats]) -> list[str]:
     """Column headers matching `table_rows`."""
-    multi = any(r.test_accuracy.n > 1 for r in rows)
-    return COLUMNS if multi else COLUMNS[:5] + COLUMNS[7:]
+    return [header for header, _, _ in _shown(rows)]
 
 
 def rich_table(rows: Sequence[ModelStats], title: str = "Comparison") -> Table:
@@ -68,7 +86,8 @@ def records(rows: Sequence[ModelStats]) -> list[dict[str, Any]]:
     """One flat record per model with full-precision numbers (CSV and JSON)."""
     out = []
     for r in rows:
-        record: dict[str, Any] = {"model": r.model, "params": r.params, "seeds": len(r.seeds)}
+        record: dict[str, Any] = {"model": r.model, "params": r.params, "seeds": len(r.seeds),
+                                  "train_flops_per_sample": r.train_flops_per_sample}
         for name in ("train_accuracy", "test_loss", "test_accuracy"):
             agg = getattr(r, name)
             record.update({f"{name}_mean": agg.mean, f"{name}_std": agg.std,
