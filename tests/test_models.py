@@ -192,3 +192,25 @@ def test_output_softmax_becomes_logits():
     model = build_model(resolve_model("convnet7"), seed=0).eval()
     logits = model(torch.rand(3, 1, 28, 28))
     assert not torch.allclose(logits.sum(1), torch.ones(3))  # not probabilities
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.39])
+def test_fast_dropout_honours_odd_rates(rate):
+    from cnnlab.models import FastDropout
+
+    dropout = FastDropout(rate).train()
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(rate, abs=0.003)  # 400k draws: about 5 standard errors
+    assert y.max().item() == pytest.approx(1 / (1 - rate), rel=1e-4)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
+
+
+def test_glorot_bias_uses_keras_fans():
+    spec = _spec([{"type": "Flatten"}, {"type": "Dense", "units": 600, "bias_initializer": "glorot_uniform"},
+                  {"type": "Dense", "units": 2}])
+    bias = build_model(spec, seed=0).layers[1].bias
+    limit = math.sqrt(6 / (600 + 600))  # Keras: fan_in = fan_out = 600 for a bias
+    assert bias.abs().max().item() <= limit and bias.abs().max().item() > 0.95 * limit
