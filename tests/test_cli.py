@@ -186,3 +186,27 @@ def test_unsupported_keras_layer_is_named(tmp_path, capsys):
     assert main(["summary", str(path)]) == 2
     err = one_error_line(capsys)
     assert str(path) in err and "LSTM" in err
+
+
+def test_ctrl_c_stops_cleanly_and_names_the_partial_run(tmp_path):
+    import signal
+    import time
+
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(512, 64))
+    env = {k: v for k, v in os.environ.items() if k != "CNNLAB_DATA_DIR"}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("cnnlab")), "train", "convnet7", "--data-dir", str(data), "--epochs", "200",
+         "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs").glob("*/convnet7/seed-0/checkpoint.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"The partial run is in {run_dir}" in err and f"--resume {run_dir}" in err
+    assert "Traceback" not in err
+    assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
+    assert not (run_dir / "convnet7" / "seed-0" / "metrics.json").exists()

@@ -37,7 +37,8 @@ SeedsOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16.")]
-CompileOpt = Annotated[str, typer.Option("--compile", help="torch.compile: auto (on for CUDA), on or off.")]
+CompileOpt = Annotated[str, typer.Option(
+    "--compile", help="auto (on CUDA: torch.compile and the training step as one CUDA graph; off on the CPU), on or off.")]
 LimitTrainOpt = Annotated[Optional[int], typer.Option("--limit-train", min=1, help="Use only the first N training images.")]
 LimitTestOpt = Annotated[Optional[int], typer.Option("--limit-test", min=1, help="Use only the first N test images.")]
 ValSplitOpt = Annotated[float, typer.Option(
@@ -115,7 +116,7 @@ def _run(models: list[str], name: str, dataset: str, data_dir: Path | None, epoc
                        lambda model, s: make_reporter(f"{model} seed {s}" if multi_seed else model, console))
     except KeyboardInterrupt:
         err_console.print(f"Interrupted. The partial run is in {run_dir}; finish it with "
-                          f"`cnnlab compare --resume {run_dir}`.")
+                          f"`cnnlab compare --resume {run_dir}`.", soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
     _show_results(run_dir, image_format)
 
