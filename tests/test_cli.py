@@ -210,3 +210,22 @@ def test_ctrl_c_stops_cleanly_and_names_the_partial_run(tmp_path):
     assert "Traceback" not in err
     assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
     assert not (run_dir / "convnet7" / "seed-0" / "metrics.json").exists()
+
+
+def test_a_keras_json_model_trains(tmp_path, capsys):
+    """A Keras-written model cnnlab has never seen (20 outputs, strided 'same' pooling) trains as is."""
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(256, 64))
+    source = Path(__file__).parent / "fixtures" / "keras" / "pooling_variants20_keras3.json"
+    assert main(["train", str(source), "--data-dir", str(data), "--epochs", "1", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert list((tmp_path / "runs").glob("*/*/seed-0/metrics.json"))
+
+
+def test_a_model_with_too_few_outputs_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(64, 32))
+    spec = tmp_path / "five.toml"
+    spec.write_text('input_shape = [28, 28, 1]\n[[layers]]\ntype = "Flatten"\n[[layers]]\ntype = "Dense"\nunits = 5\n')
+    assert main(["train", str(spec), "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "5 outputs but mnist has 10 classes" in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

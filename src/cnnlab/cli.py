@@ -81,7 +81,7 @@ def _run(models: list[str], name: str, dataset: str, data_dir: Path | None, epoc
          image_format: str, resume: Path | None) -> None:
     """Shared body of `train` and `compare`: run the experiment into a run folder and show the results."""
     from cnnlab.engine import TrainConfig, resolve_hardware
-    from cnnlab.experiment import Experiment, load_experiment, run_experiment, start_run
+    from cnnlab.experiment import Experiment, check_fits, load_experiment, run_experiment, start_run
     from cnnlab.models import resolve_model
     from cnnlab.progress import make_reporter
     from cnnlab.runs import new_run_dir
@@ -100,6 +100,7 @@ def _run(models: list[str], name: str, dataset: str, data_dir: Path | None, epoc
         experiment = Experiment([resolve_model(m) for m in models], dataset, _parse_seeds(seed, seeds), config)
         resolve_hardware(config)  # fail on --device cuda without CUDA before creating anything
         data = _load_data(dataset, data_dir)
+        check_fits(experiment, data)  # before anything is written
         run_dir = new_run_dir(runs_dir, name)
         start_run(run_dir, experiment, data_dir)
     if resume is not None:

@@ -79,18 +79,28 @@ def load_experiment(run_dir: Path) -> tuple[Experiment, Path | None]:
     return Experiment(specs, config["dataset"], list(config["seeds"]), train_config), data_dir
 
 
-def run_experiment(run_dir: Path, experiment: Experiment, dataset: Dataset,
-                   make_reporter: Callable[[str, int], Reporter] | None = None) -> list[UnitResult]:
-    """Train every model with every seed not finished yet; return all finished results."""
-    device = resolve_device(experiment.train.device)
-    remove_partial_files(run_dir)
-    done = {(u.model, u.seed) for u in load_units(run_dir)}
+def check_fits(experiment: Experiment, dataset: Dataset) -> None:
+    """Every model takes the dataset's images and has an output per class (else a ConfigError)."""
     image_shape = tuple(dataset.train_images.shape[1:]) + ((1,) if dataset.train_images.dim() == 3 else ())
     for spec in experiment.specs:
         if tuple(spec.input_shape) != image_shape:
             raise ConfigError(f"{spec.source}: model '{spec.name}' expects input_shape {list(spec.input_shape)} but "
                               f"{experiment.dataset} images are {list(image_shape)}; set input_shape = "
                               f"{list(image_shape)} in the spec")
+        if spec.num_classes < len(dataset.classes):
+            raise ConfigError(f"{spec.source}: model '{spec.name}' has {spec.num_classes} outputs but "
+                              f"{experiment.dataset} has {len(dataset.classes)} classes; end the spec with "
+                              f"Dense(units = {len(dataset.classes)})")
+
+
+def run_experiment(run_dir: Path, experiment: Experiment, dataset: Dataset,
+                   make_reporter: Callable[[str, int], Reporter] | None = None) -> list[UnitResult]:
+    """Train every model with every seed not finished yet; return all finished results."""
+    device = resolve_device(experiment.train.device)
+    remove_partial_files(run_dir)
+    done = {(u.model, u.seed) for u in load_units(run_dir)}
+    check_fits(experiment, dataset)
+    for spec in experiment.specs:
         summary = summarize(spec)
         for seed in experiment.seeds:
             if (spec.name, seed) in done:
