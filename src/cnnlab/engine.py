@@ -122,12 +122,13 @@ class TrainResult:
     model: SequentialNet = field(repr=False)
 
     @property
-    def train_seconds(self) -> float:
+    def wall_seconds(self) -> float:
+        """Training and validation time over all epochs (compilation included where it happens)."""
         return sum(r.train_seconds + r.val_seconds for r in self.history)
 
 
 class Reporter(Protocol):
-    """Receives progress; `progress.py` draws it. Every method is optional to do anything."""
+    """Receives training progress (`progress.py` draws it); each method may do nothing."""
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
     def update(self, step: int, samples: int, loss: float, accuracy: float) -> None: ...

@@ -241,8 +241,8 @@ def metrics_of(model_name: str, seed: int, result: TrainResult, params: int, tra
         "train_accuracy": max(r.accuracy for r in history),  # the seed reports the best running accuracy
         "train_loss": history[-1].loss,
         "test_loss": result.test.loss, "test_accuracy": result.test.accuracy,
-        "wall_seconds": result.train_seconds, "train_seconds": train_time,
-        "seconds_per_epoch": result.train_seconds / len(history),
+        "wall_seconds": result.wall_seconds, "train_seconds": train_time,
+        "seconds_per_epoch": result.wall_seconds / len(history),
         "samples_per_second": throughput,
         "params": params, "train_flops_per_sample": train_flops, "inference_flops_per_sample": train_flops // 3,
         "train_gflops_per_second": throughput * train_flops / 1e9,
