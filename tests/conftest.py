@@ -14,7 +14,7 @@ def real_data_dir() -> Path:
     """The folder of real IDX data (CI sets CNNLAB_DATA_DIR=../shared/data); skip without it."""
     value = os.environ.get("CNNLAB_DATA_DIR")
     if not value or not (Path(value) / "mnist").is_dir():
-        pytest.skip("real-data test: set CNNLAB_DATA_DIR to a folder with mnist/ IDX files (e.g. ../shared/data)")
+        pytest.skip(reason="real-data test: set CNNLAB_DATA_DIR to a folder with mnist/ IDX files (e.g. ../shared/data)")
     return Path(value).resolve()  # tests run cnnlab from other folders
 
 

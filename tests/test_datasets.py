@@ -527,7 +527,7 @@ def test_dataset_status(tmp_path, monkeypatch):
 def _real_data_dir() -> Path:
     value = os.environ.get("CNNLAB_DATA_DIR")
     if not value:
-        pytest.skip("CNNLAB_DATA_DIR is not set; point it at shared/data to test the real files")
+        pytest.skip(reason="CNNLAB_DATA_DIR is not set; point it at shared/data to test the real files")
     return Path(value)
 
 

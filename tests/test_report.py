@@ -306,7 +306,7 @@ def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.Complet
 def test_report_renders_in_chromium(report_run: Path, tmp_path: Path) -> None:
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+        pytest.skip(reason="no chromium binary on PATH (Debian: apt-get install chromium)")
     page = (report_run / "report.html").read_text(encoding="utf-8")
     probed = tmp_path / "report-probed.html"
     probed.write_text(page.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
