@@ -18,10 +18,10 @@ from cnnlab.engine import Reporter, TrainConfig, make_splits, resolve_device, tr
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.models import summarize
 from cnnlab.runs import (
-    UnitResult, environment, load_units, read_config, remove_partial_files, save_torch, save_unit, unit_dir, write_config, write_json,
+    UnitResult, environment, load_units, read_config, read_spec, remove_partial_files, save_torch, save_unit, unit_dir, write_config, write_json,
     write_text,
 )
-from cnnlab.spec import ModelSpec, parse_spec, spec_to_toml
+from cnnlab.spec import ModelSpec, spec_to_toml
 
 
 @dataclass
@@ -64,16 +64,8 @@ def start_run(run_dir: Path, experiment: Experiment, data_dir: Path | None) -> N
 
 def load_experiment(run_dir: Path) -> tuple[Experiment, Path | None]:
     """Rebuild the experiment of an existing run folder (for --resume and `report`)."""
-    import tomllib
-
     config = read_config(run_dir)
-    specs = []
-    for name in config.get("models", []):
-        path = run_dir / name / "spec.toml"
-        try:
-            specs.append(parse_spec(tomllib.loads(path.read_text(encoding="utf-8")), source=str(path), default_name=name))
-        except FileNotFoundError:
-            raise RunError(f"{path} is missing; the run folder is incomplete and cannot be resumed") from None
+    specs = [read_spec(run_dir / name / "spec.toml") for name in config.get("models", [])]
     train_config = TrainConfig(**config.get("train", {}))
     data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
     return Experiment(specs, config["dataset"], list(config["seeds"]), train_config), data_dir

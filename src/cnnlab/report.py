@@ -27,7 +27,7 @@ from cnnlab.engine import TrainConfig
 from cnnlab.errors import RunError
 from cnnlab.models import builtin_models, builtin_spec_text, format_flops, summarize
 from cnnlab.plots import confusion_figure, mistakes_figure, write_plots
-from cnnlab.runs import UnitResult, load_units, read_config, read_json, unit_dir, write_text
+from cnnlab.runs import UnitResult, load_units, read_config, read_json, read_spec, unit_dir, write_text
 from cnnlab.spec import ModelSpec, parse_spec, tomllib  # tomllib, or tomli on Python 3.10
 from cnnlab.stats import Comparison, ModelStats, model_stats, pairwise
 from cnnlab.tables import columns, format_duration, markdown_table, table_rows, write_tables
@@ -119,14 +119,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def saved_specs(run_dir: Path) -> dict[str, ModelSpec]:
     """The spec of every model of the run, as trained (`<model>/spec.toml`)."""
-    specs = {}
-    for path in sorted(run_dir.glob("*/spec.toml")):
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise RunError(f"{path} is not valid TOML ({exc}); the run folder is damaged") from None
-        specs[path.parent.name] = parse_spec(data, source=str(path), default_name=path.parent.name)
-    return specs
+    return {path.parent.name: read_spec(path) for path in sorted(run_dir.glob("*/spec.toml"))}
 
 
 def class_names(dataset: str, specs: Iterable[ModelSpec]) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ import torch
 
 from cnnlab.engine import EpochRecord, Hardware, TrainResult
 from cnnlab.errors import RunError
+from cnnlab.spec import ModelSpec, parse_spec
 
 HISTORY_FIELDS = [f for f in EpochRecord.__dataclass_fields__]
 
@@ -275,6 +276,19 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise RunError(f"{path} is missing; give a run folder made by `cnnlab train` or `cnnlab compare`") from None
     except tomllib.TOMLDecodeError as exc:
         raise RunError(f"{path} is not valid TOML ({exc}); the run folder is damaged") from None
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """A model's spec as saved in the run folder (`<model>/spec.toml`), or RunError naming the file."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; the run folder is incomplete") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RunError(f"{path} is not valid TOML ({exc}); the run folder is damaged") from None
+    return parse_spec(data, source=str(path), default_name=path.parent.name)
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
