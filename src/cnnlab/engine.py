@@ -182,7 +182,9 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     # Benchmarks (BENCHMARKS.md): compilation pays for itself on a GPU; on the CPU it is opt-in.
     compiled = config.compile == "on" or (config.compile == "auto" and on_cuda)
     name = torch.cuda.get_device_name(device) if on_cuda else _cpu_name()
-    return Hardware(str(device), name, precision, compiled, channels_last=on_cuda,
+    # channels_last (NHWC, Keras's own layout) on both: on the GPU it feeds the tensor cores; on the
+    # CPU oneDNN's NHWC convolutions made convnet7's step 1.22x faster and the others +-4% (measured).
+    return Hardware(str(device), name, precision, compiled, channels_last=True,
                     threads=torch.get_num_threads(), compile_mode="default", cuda_graph=compiled and on_cuda)
 
 
