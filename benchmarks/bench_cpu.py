@@ -699,6 +699,7 @@ def markdown_entry(results: dict) -> str:
         f"- Method: batch 128 on Fashion-MNIST; {s['warmup_steps']} warm-up steps per peer, then {s['rounds']} "
         f"interleaved rounds x {s['steps_per_round']} timed steps of every peer and model; medians. "
         f"cnnlab: `TrainStep` with `TrainConfig()`'s defaults, resolved here to {hardware['precision']}, "
+        f"{'channels_last' if hardware.get('channels_last') else 'NCHW'}, "
         f"{'compiled' if hardware['compiled'] else 'not compiled'}, {hardware['threads']} threads; "
         "eager PyTorch: pytorch/examples style fp32, torch.optim.Adam, `loss.item()` per batch; "
         "Keras: the seed's Sequential models, `train_on_batch`. Speed-up = peer time / cnnlab time.",

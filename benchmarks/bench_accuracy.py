@@ -1,0 +1,184 @@
+"""Accuracy evidence: do cnnlab's speed levers cost accuracy? Its defaults against an fp32 reference.
+
+For each seed model and seed, the same recipe (the seed notebook's: Keras initializers, Keras Adam,
+batch 128, validation on the test set) is trained twice through `engine.train`:
+
+- **defaults**: what `TrainConfig()` resolves to on this machine (precision, channels_last,
+  compilation, CUDA graphs) with cnnlab's cheap dropout masks;
+- **reference**: plain fp32 in PyTorch's default NCHW layout, not compiled, with `nn.Dropout`'s
+  `bernoulli_` masks instead of cnnlab's.
+
+Same seed, same initial weights and the same shuffles; only the arithmetic and the dropout random
+stream differ. It reports each run's test accuracy after the last epoch, the means over seeds, the
+difference in percentage points, Welch's test, and the issue's bar (defaults within 0.15 pp of the
+reference). Results are written to JSON after every run, so an interrupted run keeps what it has.
+
+    python benchmarks/bench_accuracy.py                                # 3 models x 3 seeds x 3 epochs
+    python benchmarks/bench_accuracy.py --models convnet7 --seeds 2 --epochs 1 --limit-train 2000
+    python benchmarks/bench_accuracy.py --json benchmarks/results/accuracy.json --append BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import cnnlab
+from cnnlab import engine
+from cnnlab.datasets import load_dataset
+from cnnlab.engine import TrainConfig, make_splits, resolve_hardware
+from cnnlab.models import FastDropout, build_model, resolve_model
+from cnnlab.stats import aggregate, welch
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ["convnet7", "convnet3", "convnet5"]  # cheapest first, so partial results come early
+BAR_PP = 0.15  # the issue's bar: mean test accuracy within 0.15 percentage points of fp32 training
+
+
+def build_with_bernoulli_dropout(spec, seed=None):
+    """`build_model` with every FastDropout swapped for `nn.Dropout` (the reference's masks)."""
+    model = build_model(spec, seed=seed)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, FastDropout):
+                setattr(parent, name, nn.Dropout(child.rate))
+    return model
+
+
+def train_once(model_name: str, seed: int, config: TrainConfig, splits, reference: bool) -> dict:
+    """One training run; returns its settings, final test accuracy and time."""
+    hardware = resolve_hardware(config)
+    if reference:
+        hardware = replace(hardware, precision="fp32", channels_last=False, compiled=False, cuda_graph=False)
+    spec = resolve_model(model_name)
+    original_builder = engine.build_model
+    engine.build_model = build_with_bernoulli_dropout if reference else build_model
+    try:
+        started = time.perf_counter()
+        result = engine.train(spec, splits, config, seed=seed, hardware=hardware)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.build_model = original_builder
+    last = result.history[-1]
+    return {"model": model_name, "seed": seed, "config": "reference" if reference else "defaults",
+            "precision": hardware.precision, "channels_last": hardware.channels_last,
+            "compiled": hardware.compiled, "dropout": "bernoulli_" if reference else "cnnlab",
+            "test_accuracy": result.test.accuracy, "test_loss": result.test.loss,
+            "train_accuracy": last.accuracy, "seconds": seconds,
+            "history": [asdict(r) for r in result.history]}
+
+
+def summarise(runs: list[dict], models: list[str]) -> list[dict]:
+    """Per model: mean and spread of each configuration, the difference and Welch's test."""
+    rows = []
+    for model_name in models:
+        accuracies = {c: [r["test_accuracy"] for r in runs if r["model"] == model_name and r["config"] == c]
+                      for c in ("defaults", "reference")}
+        if not accuracies["defaults"] or not accuracies["reference"]:
+            continue
+        a, b = aggregate(accuracies["defaults"]), aggregate(accuracies["reference"])
+        test = welch(accuracies["defaults"], accuracies["reference"], "defaults", "reference")
+        difference_pp = (a.mean - b.mean) * 100
+        rows.append({"model": model_name, "seeds": min(a.n, b.n),
+                     "defaults": accuracies["defaults"], "reference": accuracies["reference"],
+                     "defaults_mean": a.mean, "defaults_std": a.std,
+                     "reference_mean": b.mean, "reference_std": b.std,
+                     "difference_pp": difference_pp, "p_value": test.p_value,
+                     "within_bar": abs(difference_pp) <= BAR_PP})
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """A dated BENCHMARKS.md entry."""
+    lines = [
+        f"## Accuracy: cnnlab's defaults against fp32 training, {meta['date']}",
+        "",
+        f"- Machine: {meta['machine']}; torch {meta['torch']}, Python {meta['python']}, cnnlab {meta['cnnlab']}.",
+        f"- Command: `{meta['command']}`",
+        f"- Data: {meta['data']}. Recipe: the seed's (Keras initializers and Adam, batch 128), "
+        f"{meta['epochs']} epochs, validation on the test set after every epoch.",
+        f"- defaults: {meta['defaults']}; reference: fp32, NCHW, not compiled, `nn.Dropout` (`bernoulli_`) "
+        "masks. Same seed, same initial weights and shuffles.",
+        "",
+        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | Welch p | within 0.15 pp |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        p = "n/a" if r["p_value"] != r["p_value"] else f"{r['p_value']:.2f}"
+        lines.append(f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
+                     f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
+                     f"| {r['difference_pp']:+.2f} pp | {p} | {'yes' if r['within_bar'] else 'no'} |")
+    lines.append("")
+    lines.append("Per seed (defaults / reference): " + "; ".join(
+        f"{r['model']} " + ", ".join(f"{a * 100:.2f}/{b * 100:.2f}" for a, b in zip(r["defaults"], r["reference"]))
+        for r in rows) + f". Wall time {meta['wall_minutes']:.0f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CNNLAB_DATA_DIR", REPO.parent / "shared" / "data")))
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--limit-test", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the raw results here (after every run)")
+    parser.add_argument("--append", type=Path, default=None, help="append a dated Markdown entry to this file")
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=Path.home() / ".cache" / "cnnlab")
+    config = TrainConfig(epochs=args.epochs, limit_train=args.limit_train, limit_test=args.limit_test)
+    resolved = resolve_hardware(config)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{resolved.device_name} ({resolved.device}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "python": platform.python_version(), "cnnlab": cnnlab.__version__,
+        "command": "python " + shlex.join(["benchmarks/bench_accuracy.py", *sys.argv[1:]]),
+        "data": (f"{args.dataset} from {args.data_dir}: {len(dataset.train_images)} training images"
+                 f"{f' (first {args.limit_train})' if args.limit_train else ''}, "
+                 f"{args.limit_test or len(dataset.test_images)} test images"),
+        "epochs": args.epochs,
+        "defaults": (f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
+                     f"{'compiled' if resolved.compiled else 'not compiled'}, cnnlab's dropout masks"),
+    }
+    runs: list[dict] = []
+    started = time.perf_counter()
+    for model_name in args.models:
+        for seed in range(args.seeds):
+            splits = make_splits(dataset.train_images, dataset.train_labels, dataset.test_images,
+                                 dataset.test_labels, config, torch.device(resolved.device), seed)
+            for reference in (False, True):
+                run = train_once(model_name, seed, config, splits, reference)
+                runs.append(run)
+                print(f"{model_name} seed {seed} {run['config']:9s} test acc {run['test_accuracy']:.4f} "
+                      f"({run['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                meta["wall_minutes"] = (time.perf_counter() - started) / 60
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = args.json.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"meta": meta, "runs": runs,
+                                               "summary": summarise(runs, args.models)}, indent=1))
+                    tmp.replace(args.json)
+    rows = summarise(runs, args.models)
+    entry = markdown(rows, meta)
+    print(entry)
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + entry)
+
+
+if __name__ == "__main__":
+    main()
