@@ -1,7 +1,7 @@
 """Accuracy evidence: do cnnlab's speed levers cost accuracy? Its defaults against an fp32 reference.
 
 For each seed model and seed, the same recipe (the seed notebook's: Keras initializers, Keras Adam,
-batch 128, validation on the test set) is trained twice through `engine.train`:
+batch 128) is trained twice through `engine.train`:
 
 - **defaults**: what `TrainConfig()` resolves to on this machine (precision, channels_last,
   compilation, CUDA graphs) with cnnlab's cheap dropout masks;
@@ -16,6 +16,7 @@ reference). Results are written to JSON after every run, so an interrupted run k
     python benchmarks/bench_accuracy.py                                # 3 models x 3 seeds x 3 epochs
     python benchmarks/bench_accuracy.py --models convnet7 --seeds 2 --epochs 1 --limit-train 2000
     python benchmarks/bench_accuracy.py --json benchmarks/results/accuracy.json --append BENCHMARKS.md
+    python benchmarks/bench_accuracy.py --from-json benchmarks/results/accuracy.json   # the entry for saved runs
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cnnlab.models import FastDropout, build_model, resolve_model
 from cnnlab.stats import aggregate, welch
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ["convnet7", "convnet3", "convnet5"]  # cheapest first, so partial results come early
+MODELS = ["convnet3", "convnet5", "convnet7"]
 BAR_PP = 0.15  # the issue's bar: mean test accuracy within 0.15 percentage points of fp32 training
 
 
@@ -94,6 +95,7 @@ def summarise(runs: list[dict], models: list[str]) -> list[dict]:
                      "defaults_mean": a.mean, "defaults_std": a.std,
                      "reference_mean": b.mean, "reference_std": b.std,
                      "difference_pp": difference_pp, "p_value": test.p_value,
+                     "ci_pp": [test.ci_low * 100, test.ci_high * 100],
                      "within_bar": abs(difference_pp) <= BAR_PP})
     return rows
 
@@ -106,18 +108,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"- Machine: {meta['machine']}; torch {meta['torch']}, Python {meta['python']}, cnnlab {meta['cnnlab']}.",
         f"- Command: `{meta['command']}`",
         f"- Data: {meta['data']}. Recipe: the seed's (Keras initializers and Adam, batch 128), "
-        f"{meta['epochs']} epochs, validation on the test set after every epoch.",
+        f"{meta['epochs']} epochs; accuracy on the whole test set after the last.",
         f"- defaults: {meta['defaults']}; reference: fp32, NCHW, not compiled, `nn.Dropout` (`bernoulli_`) "
         "masks. Same seed, same initial weights and shuffles.",
         "",
-        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | Welch p | within 0.15 pp |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | its 95% CI | Welch p "
+        "| within 0.15 pp |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         p = "n/a" if r["p_value"] != r["p_value"] else f"{r['p_value']:.2f}"
         lines.append(f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
                      f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
-                     f"| {r['difference_pp']:+.2f} pp | {p} | {'yes' if r['within_bar'] else 'no'} |")
+                     f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {'yes' if r['within_bar'] else 'no'} |")
     lines.append("")
     lines.append("Per seed (defaults / reference): " + "; ".join(
         f"{r['model']} " + ", ".join(f"{a * 100:.2f}/{b * 100:.2f}" for a, b in zip(r["defaults"], r["reference"]))
@@ -137,7 +140,16 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here (after every run)")
     parser.add_argument("--append", type=Path, default=None, help="append a dated Markdown entry to this file")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already saved in --json and train only the missing ones")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="train nothing: print (and --append) the entry for the runs saved in this JSON")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        models = list(dict.fromkeys(r["model"] for r in saved["runs"]))
+        emit(markdown(summarise(saved["runs"], models), saved["meta"]), args.append)
+        return
 
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=Path.home() / ".cache" / "cnnlab")
     config = TrainConfig(epochs=args.epochs, limit_train=args.limit_train, limit_test=args.limit_test)
@@ -155,28 +167,44 @@ def main() -> None:
                      f"{'compiled' if resolved.compiled else 'not compiled'}, cnnlab's dropout masks"),
     }
     runs: list[dict] = []
+    if args.resume and args.json and args.json.exists():
+        saved = json.loads(args.json.read_text())
+        runs, meta["wall_minutes_before"] = saved["runs"], saved["meta"].get("wall_minutes", 0.0)
+        print(f"resuming: {len(runs)} runs already in {args.json}", file=sys.stderr)
+    done = {(r["model"], r["seed"], r["config"]) for r in runs}
     started = time.perf_counter()
-    for model_name in args.models:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major, so an interrupted run has every model's first seeds
+        for model_name in args.models:
+            if all((model_name, seed, c) in done for c in ("defaults", "reference")):
+                continue
             splits = make_splits(dataset.train_images, dataset.train_labels, dataset.test_images,
                                  dataset.test_labels, config, torch.device(resolved.device), seed)
+            # Per-epoch validation changes nothing in training (no randomness, no state), so it runs
+            # on the first 1,000 test images; the final test below is on the whole test split.
+            splits = replace(splits, val_images=splits.test_images[:1000], val_labels=splits.test_labels[:1000],
+                             val_is_test=False)
             for reference in (False, True):
+                if (model_name, seed, "reference" if reference else "defaults") in done:
+                    continue
                 run = train_once(model_name, seed, config, splits, reference)
                 runs.append(run)
                 print(f"{model_name} seed {seed} {run['config']:9s} test acc {run['test_accuracy']:.4f} "
                       f"({run['seconds']:.0f} s)", file=sys.stderr, flush=True)
-                meta["wall_minutes"] = (time.perf_counter() - started) / 60
+                meta["wall_minutes"] = meta.get("wall_minutes_before", 0.0) + (time.perf_counter() - started) / 60
                 if args.json:
                     args.json.parent.mkdir(parents=True, exist_ok=True)
                     tmp = args.json.with_suffix(".tmp")
                     tmp.write_text(json.dumps({"meta": meta, "runs": runs,
                                                "summary": summarise(runs, args.models)}, indent=1))
                     tmp.replace(args.json)
-    rows = summarise(runs, args.models)
-    entry = markdown(rows, meta)
+    emit(markdown(summarise(runs, args.models), meta), args.append)
+
+
+def emit(entry: str, append: Path | None) -> None:
+    """Print the Markdown entry and append it to `append` when given."""
     print(entry)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as handle:
+    if append:
+        with append.open("a", encoding="utf-8") as handle:
             handle.write("\n" + entry)
 
 
