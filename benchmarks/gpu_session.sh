@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything the GPU targets need, in one unattended run on a lent GPU machine: the whole seed
+# comparison against eager PyTorch (bench_gpu.py), then the accuracy evidence for the GPU's defaults (bf16, compiled, CUDA graphs) against fp32 training
+# (bench_accuracy.py). DATA must hold fashion-mnist/ and mnist/; results go to OUT. Not yet run
+# as a whole: its two scripts have each run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
+#
+#   bash benchmarks/gpu_session.sh DATA OUT
+set -euo pipefail
+data=${1:?usage: gpu_session.sh DATA OUT}
+out=${2:?usage: gpu_session.sh DATA OUT}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
+python3 benchmarks/bench_accuracy.py --data-dir "$data" --json "$out/accuracy_gpu_mnist.json" \
+    > "$out/accuracy_gpu.md" 2> "$out/accuracy_gpu.log"
+cat "$out/accuracy_gpu.md"
