@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU targets need, in one unattended run on a lent GPU machine: the whole seed
-# comparison against eager PyTorch (bench_gpu.py), then the accuracy evidence for the GPU's defaults (bf16, compiled, CUDA graphs) against fp32 training
-# (bench_accuracy.py). DATA must hold fashion-mnist/ and mnist/; results go to OUT. Not yet run
-# as a whole: its two scripts have each run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
+# comparison against eager PyTorch (bench_gpu.py), then the accuracy evidence for the GPU's
+# defaults (bf16, compiled, CUDA graphs) against fp32 training (bench_accuracy.py). DATA must hold
+# fashion-mnist/ and mnist/; results go to OUT. Not yet run as a whole: its two scripts have each
+# run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
 set -euo pipefail
