@@ -6,7 +6,7 @@
 2. For convnet7's 2x2 kernels, im2col as four shifted NHWC views concatenated and one GEMM.
 
 Measured 2026-11-26 on the 2-core EPYC (ms for forward + backward at batch 128):
-  convnet3 conv3 (64->128, 24x24, 3x3): direct 440, Winograd F(2) 682, F(4) 561, F(6) 544
+  convnet3 conv3 (64->128, 24x24, 3x3): direct 440, Winograd F(2) 682, F(4) 561, F(6) 544 (first run)
   convnet5 conv2 (32->64, 28x28, 5x5): direct 496, F(2) 1080, F(4) 561; conv3 (64->96, 14x14):
   direct 399, F(4) 302; conv4 (96->128, 7x7): direct 199, F(4) 127
   convnet7 2x2 layers, NCHW / channels_last / GEMM: conv4 80 / 79 / 89, conv6 18 / 16 / 12
