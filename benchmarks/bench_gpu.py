@@ -4,7 +4,7 @@ every epoch) with cnnlab's defaults, against plain eager PyTorch fp32 on the sam
 Runs unattended on a CUDA machine; writes a JSON of results and prints a Markdown section for
 BENCHMARKS.md. Usage (data: a folder with fashion-mnist/ IDX files):
 
-    python benchmarks/bench_gpu.py --data-dir DATA [--epochs 12] [--out results.json]
+    python benchmarks/bench_gpu.py --data-dir DATA [--epochs 12] [--out results.json] [--cudnn-benchmark]
 
 Timing discipline: compile/warm-up time is reported separately from training time; training wall
 time is measured with CUDA synchronisation at epoch boundaries (as `cnnlab` does).
@@ -73,6 +73,8 @@ def run_cnnlab(name: str, data, device: torch.device, args, compile_setting: str
     hardware = resolve_hardware(config)
     if mode is not None:
         hardware = dataclasses.replace(hardware, compile_mode=mode, cuda_graph=False)
+    if args.cudnn_benchmark:
+        hardware = dataclasses.replace(hardware, cudnn_benchmark=True)
     spec = resolve_model(name)
     splits = make_splits(data.train_images, data.train_labels, data.test_images, data.test_labels, config, device, 0)
     warm_config = TrainConfig(epochs=1, compile=compile_setting, device=args.device, limit_train=args.limit_train)
@@ -92,7 +94,7 @@ def run_cnnlab(name: str, data, device: torch.device, args, compile_setting: str
     flops = summarize(spec).training_flops * len(splits.train_images) * args.epochs
     return dict(
         precision=hardware.precision, compiled=hardware.compiled, compile_mode=hardware.compile_mode,
-        cuda_graph=hardware.cuda_graph,
+        cuda_graph=hardware.cuda_graph, cudnn_benchmark=hardware.cudnn_benchmark,
         channels_last=hardware.channels_last, warmup_seconds=warm_seconds, wall_seconds=wall,
         train_seconds=train_seconds, val_seconds=sum(r.val_seconds for r in result.history),
         median_epoch_seconds=steady, first_epoch_seconds=epoch_seconds[0],
@@ -113,11 +115,14 @@ def main() -> None:
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--limit-train", type=int, default=None, help="smoke tests only")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms for each shape (cnnlab's default leaves it off)")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = load_dataset("fashion-mnist", data_dir=args.data_dir, progress=False)
     results: dict = {
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke test)", "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke test)",
+        "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "models": {},
     }
 

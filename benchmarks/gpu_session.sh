@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU targets need, in one unattended run on a lent GPU machine: the whole seed
-# comparison against eager PyTorch (bench_gpu.py), then the accuracy evidence for the GPU's
-# defaults (bf16, compiled, CUDA graphs) against fp32 training (bench_accuracy.py). DATA must hold
-# fashion-mnist/ and mnist/; results go to OUT. Not yet run as a whole: its two scripts have each
-# run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
+# comparison against eager PyTorch (bench_gpu.py, without and with cuDNN autotuning), then the
+# accuracy evidence for the GPU's defaults (bf16, compiled, CUDA graphs) against fp32 training
+# (bench_accuracy.py). DATA must hold fashion-mnist/ and mnist/; results go to OUT. Not yet run as
+# a whole: its scripts have each run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
 set -euo pipefail
@@ -14,6 +14,9 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
+# The same with cuDNN's autotuning, to decide whether cnnlab should turn it on by default.
+python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" --cudnn-benchmark \
+    2>&1 | tee "$out/bench_gpu_cudnn_benchmark.log"
 python3 benchmarks/bench_accuracy.py --data-dir "$data" --json "$out/accuracy_gpu_mnist.json" \
     > "$out/accuracy_gpu.md" 2> "$out/accuracy_gpu.log"
 cat "$out/accuracy_gpu.md"

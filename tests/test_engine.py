@@ -102,7 +102,28 @@ def test_auto_choices_on_this_machine():
     if not torch.cuda.is_available():
         assert hardware.device == "cpu" and hardware.compiled is False
         assert hardware.precision in ("fp32", "bf16")
+    assert hardware.channels_last is True  # NHWC everywhere: measured faster on the CPU and the GPU
+    assert hardware.cudnn_benchmark is False  # opt-in until a GPU benchmark shows it pays
     assert resolve_hardware(TrainConfig(precision="fp32")).precision == "fp32"
+
+
+def test_cudnn_autotuning_switch_is_scoped_to_a_run():
+    from cnnlab.engine import _cudnn_benchmark
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with pytest.raises(RuntimeError):
+            with _cudnn_benchmark(True):
+                assert torch.backends.cudnn.benchmark is True
+                raise RuntimeError("interrupted")
+        assert torch.backends.cudnn.benchmark is False  # restored, even after an error
+        torch.backends.cudnn.benchmark = True
+        with _cudnn_benchmark(False):
+            assert torch.backends.cudnn.benchmark is True  # a user's own global choice is kept
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def test_bf16_autocast_trains(tiny_images):

@@ -73,6 +73,7 @@ class Hardware:
     threads: int
     compile_mode: str = "default"  # torch.compile mode when compiled
     cuda_graph: bool = False       # capture each full-batch training step as one CUDA graph
+    cudnn_benchmark: bool = False  # let cuDNN time its algorithms for each shape (CUDA; not yet measured)
 
 
 @dataclass
@@ -378,7 +379,8 @@ def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
     # Dropout draws from PyTorch's global generator: fork it, so training leaves the caller's
     # random state untouched and the seed alone decides the run.
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"), \
+            _cudnn_benchmark(hardware.cudnn_benchmark and device.type == "cuda"):
         torch.manual_seed(seed)
         model = build_model(spec, seed=seed).to(device)
         if hardware.channels_last:
@@ -436,6 +438,17 @@ def train(spec: ModelSpec, splits: Splits, config: TrainConfig, seed: int = 0,
         else:
             test = evaluate(model, splits.test_images, splits.test_labels, hardware, config.eval_batch_size)
     return TrainResult(history=history, test=test, hardware=hardware, model=model)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """cuDNN's algorithm autotuning for one run: the switch is process-wide, so it is restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
