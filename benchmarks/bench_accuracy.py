@@ -118,9 +118,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         p = "n/a" if r["p_value"] != r["p_value"] else f"{r['p_value']:.2f}"
+        verdict = "yes" if r["within_bar"] else "no"
+        half_width = (r["ci_pp"][1] - r["ci_pp"][0]) / 2
+        if not half_width <= 1.0:  # NaN (one seed) or wider than +-1 pp: the seeds cannot resolve 0.15 pp
+            verdict += " (too few seeds to tell)" if half_width != half_width else " (CI too wide to tell)"
         lines.append(f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
                      f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
-                     f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {'yes' if r['within_bar'] else 'no'} |")
+                     f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {verdict} |")
     lines.append("")
     lines.append("Per seed (defaults / reference): " + "; ".join(
         f"{r['model']} " + ", ".join(f"{a * 100:.2f}/{b * 100:.2f}" for a, b in zip(r["defaults"], r["reference"]))
@@ -147,7 +151,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        models = list(dict.fromkeys(r["model"] for r in saved["runs"]))
+        seen = list(dict.fromkeys(r["model"] for r in saved["runs"]))
+        models = [m for m in MODELS if m in seen] + [m for m in seen if m not in MODELS]
         emit(markdown(summarise(saved["runs"], models), saved["meta"]), args.append)
         return
 
