@@ -1,12 +1,14 @@
 """Accuracy evidence: do cnnlab's speed levers cost accuracy? Its defaults against an fp32 reference.
 
 For each seed model and seed, the same recipe (the seed notebook's: Keras initializers, Keras Adam,
-batch 128) is trained twice through `engine.train`:
+batch 128) is trained twice:
 
-- **defaults**: what `TrainConfig()` resolves to on this machine (precision, channels_last,
-  compilation, CUDA graphs) with cnnlab's cheap dropout masks;
+- **defaults**: `engine.train` with what `HardwareRequest()` resolves to on this machine
+  (precision, channels_last, compilation, CUDA graphs) and cnnlab's cheap dropout masks;
 - **reference**: plain fp32 in PyTorch's default NCHW layout, not compiled, with `nn.Dropout`'s
-  `bernoulli_` masks instead of cnnlab's.
+  `bernoulli_` masks instead of cnnlab's: the spec's network from `models.build_model` with each
+  `FastDropout` swapped for an `nn.Dropout` of the same rate, trained with cnnlab's public step
+  (`engine.build_train_step`) by training_loop.py, which keeps `engine.train`'s conventions.
 
 Same seed, same initial weights and the same shuffles; only the arithmetic and the dropout random
 stream differ. It reports each run's test accuracy after the last epoch, the means over seeds, the
@@ -35,41 +37,45 @@ import torch
 from torch import nn
 
 import cnnlab
-from cnnlab import engine
+from cnnlab.catalog import load_spec
+from cnnlab.config import DataSelection, Hardware, HardwareRequest, Recipe
 from cnnlab.datasets import load_dataset
-from cnnlab.engine import TrainConfig, make_splits, resolve_hardware
-from cnnlab.models import FastDropout, build_model, resolve_model
+from cnnlab.engine import DeviceData, Splits, train
+from cnnlab.hardware import resolve_hardware
+from cnnlab.models import FastDropout, build_model
+from cnnlab.spec import ModelSpec
 from cnnlab.stats import aggregate, welch
+from training_loop import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["convnet3", "convnet5", "convnet7"]
 BAR_PP = 0.15  # the issue's bar: mean test accuracy within 0.15 percentage points of fp32 training
 
 
-def build_with_bernoulli_dropout(spec, seed=None):
-    """`build_model` with every FastDropout swapped for `nn.Dropout` (the reference's masks)."""
+def reference_model(spec: ModelSpec, seed: int, hardware: Hardware) -> nn.Module:
+    """The spec's network with the same initial weights as cnnlab's (`build_model`, seeded) and every
+    FastDropout swapped for an `nn.Dropout` of the same rate (the reference's `bernoulli_` masks)."""
     model = build_model(spec, seed=seed)
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, FastDropout):
                 setattr(parent, name, nn.Dropout(child.rate))
-    return model
+    model = model.to(torch.device(hardware.device))
+    return model.to(memory_format=torch.channels_last) if hardware.channels_last else model
 
 
-def train_once(model_name: str, seed: int, config: TrainConfig, splits, reference: bool) -> dict:
+def train_once(model_name: str, seed: int, recipe: Recipe, splits: Splits, defaults: Hardware,
+               reference: bool) -> dict:
     """One training run; returns its settings, final test accuracy and time."""
-    hardware = resolve_hardware(config)
+    spec = load_spec(model_name)
+    started = time.perf_counter()
     if reference:
-        hardware = replace(hardware, precision="fp32", channels_last=False, compiled=False, cuda_graph=False)
-    spec = resolve_model(model_name)
-    original_builder = engine.build_model
-    engine.build_model = build_with_bernoulli_dropout if reference else build_model
-    try:
-        started = time.perf_counter()
-        result = engine.train(spec, splits, config, seed=seed, hardware=hardware)
-        seconds = time.perf_counter() - started
-    finally:
-        engine.build_model = original_builder
+        hardware = replace(defaults, precision="fp32", channels_last=False, compiled=False, cuda_graph=False)
+        result = train_model(lambda: reference_model(spec, seed, hardware), recipe, seed, splits, hardware)
+    else:
+        hardware = defaults
+        result = train(spec, recipe, seed, splits, hardware)
+    seconds = time.perf_counter() - started
     last = result.history[-1]
     return {"model": model_name, "seed": seed, "config": "reference" if reference else "defaults",
             "precision": hardware.precision, "channels_last": hardware.channels_last,
@@ -157,8 +163,9 @@ def main() -> None:
         return
 
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=Path.home() / ".cache" / "cnnlab")
-    config = TrainConfig(epochs=args.epochs, limit_train=args.limit_train, limit_test=args.limit_test)
-    resolved = resolve_hardware(config)
+    recipe = Recipe(epochs=args.epochs)
+    selection = DataSelection(args.dataset, str(args.data_dir), args.limit_train, args.limit_test)
+    resolved = resolve_hardware(HardwareRequest())
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{resolved.device_name} ({resolved.device}), {torch.get_num_threads()} threads",
@@ -177,13 +184,13 @@ def main() -> None:
         runs, meta["wall_minutes_before"] = saved["runs"], saved["meta"].get("wall_minutes", 0.0)
         print(f"resuming: {len(runs)} runs already in {args.json}", file=sys.stderr)
     done = {(r["model"], r["seed"], r["config"]) for r in runs}
+    data = DeviceData(dataset, selection, torch.device(resolved.device))  # on the device once for all runs
     started = time.perf_counter()
     for seed in range(args.seeds):  # seed-major, so an interrupted run has every model's first seeds
         for model_name in args.models:
             if all((model_name, seed, c) in done for c in ("defaults", "reference")):
                 continue
-            splits = make_splits(dataset.train_images, dataset.train_labels, dataset.test_images,
-                                 dataset.test_labels, config, torch.device(resolved.device), seed)
+            splits = data.splits(seed)
             # Per-epoch validation changes nothing in training (no randomness, no state), so it runs
             # on the first 1,000 test images; the final test below is on the whole test split.
             splits = replace(splits, val_images=splits.test_images[:1000], val_labels=splits.test_labels[:1000],
@@ -191,7 +198,7 @@ def main() -> None:
             for reference in (False, True):
                 if (model_name, seed, "reference" if reference else "defaults") in done:
                     continue
-                run = train_once(model_name, seed, config, splits, reference)
+                run = train_once(model_name, seed, recipe, splits, resolved, reference)
                 runs.append(run)
                 print(f"{model_name} seed {seed} {run['config']:9s} test acc {run['test_accuracy']:.4f} "
                       f"({run['seconds']:.0f} s)", file=sys.stderr, flush=True)

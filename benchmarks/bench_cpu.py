@@ -3,13 +3,14 @@ Keras 3 (the seed notebook's own model code), measured side by side in one run.
 
 Three peers train each seed model (convnet3, convnet5, convnet7) on Fashion-MNIST batches of 128:
 
-- cnnlab: `TrainStep` exactly as `engine.train` builds it with `TrainConfig()`'s defaults resolved
-  for this machine; one timed step is `step(index)` for 128 random indices.
-- eager PyTorch: fp32 as pytorch/examples mnist/main.py writes it (hand-written nn.Module,
-  F.dropout, log_softmax + nll_loss, torch.optim.Adam(lr=1e-3, eps=1e-7), `loss.item()` every
-  batch, the float input made per batch from the uint8 images).
-- Keras: benchmarks/keras_peer.py in its own interpreter (TensorFlow + Keras), kept alive for the
-  whole run so each model compiles once; one timed step is one `train_on_batch`.
+- cnnlab: its training step as `engine.train` builds it (`engine.new_model`, Keras Adam,
+  `engine.build_train_step`), with `Recipe()` and `HardwareRequest()`'s defaults resolved for this
+  machine; one timed step is `step(index)` for 128 random indices.
+- eager PyTorch: benchmarks/peers/torch_peer.py, fp32 as pytorch/examples mnist/main.py writes it
+  (hand-written nn.Module, F.dropout, log_softmax + nll_loss, torch.optim.Adam(lr=1e-3, eps=1e-7),
+  `loss.item()` every batch, the float input made per batch from the uint8 images).
+- Keras: benchmarks/peers/keras_peer.py in its own interpreter (TensorFlow + Keras), kept alive for
+  the whole run so each model compiles once; one timed step is one `train_on_batch`.
 
 Timing discipline (the machine may be shared and noisy): warm-up first (Keras's build and compile
 reported separately), then `--rounds` rounds in which every peer of every model runs
@@ -39,26 +40,29 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import cnnlab
-from cnnlab.datasets import load_dataset
-from cnnlab.engine import Hardware, Splits, TrainConfig, TrainStep, evaluate, make_splits, resolve_hardware
-from cnnlab.models import build_model, resolve_model, summarize
+from cnnlab.catalog import load_spec
+from cnnlab.config import DataSelection, Hardware, HardwareRequest, Recipe
+from cnnlab.datasets import Dataset, load_dataset
+from cnnlab.engine import DeviceData, Splits, TrainStep, build_train_step, evaluate, new_model
+from cnnlab.hardware import cpu_name, resolve_hardware
+from cnnlab.models import summarize
 from cnnlab.optim import KerasAdam
+from peers import torch_peer
 
 MODELS = ["convnet3", "convnet5", "convnet7"]
 BATCH = 128
 EPOCH_IMAGES = 60_000
 REPO = Path(__file__).resolve().parents[1]
-KERAS_PEER = Path(__file__).resolve().with_name("keras_peer.py")
+KERAS_PEER = Path(__file__).resolve().parent / "peers" / "keras_peer.py"
 DEFAULT_KERAS_PYTHON = Path("/work/venv-bench/bin/python")
 PEERS = ("cnnlab", "eager", "keras")
 
@@ -80,7 +84,7 @@ class Settings:
     quick: bool = False
 
     @classmethod
-    def quick_run(cls, models: list[str]) -> "Settings":
+    def quick_run(cls, models: list[str]) -> Settings:
         return cls(models, rounds=3, steps_per_round=2, warmup_steps=2, eval_repeats=1, eval_images=2000,
                    bf16_budget_seconds=2.0, quick=True)
 
@@ -91,98 +95,7 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The eager PyTorch peer: the seed's models written as a PyTorch user would (pytorch/examples).
-
-
-class ConvNet3(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.conv3 = nn.Conv2d(64, 128, 3)
-        self.fc1 = nn.Linear(15488, 256)
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.dropout(x, 0.25, self.training)
-        x = F.relu(self.conv3(x))
-        x = F.max_pool2d(x, 2)
-        x = F.dropout(x, 0.25, self.training)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.dropout(x, 0.5, self.training)
-        return F.log_softmax(self.fc2(x), dim=1)
-
-
-class ConvNet5(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        channels = [1, 32, 64, 96, 128, 164]
-        self.convs = nn.ModuleList(nn.Conv2d(channels[i], channels[i + 1], 5, padding=2) for i in range(5))
-        self.fc1 = nn.Linear(164, 256)
-        self.bn1 = nn.BatchNorm1d(256, eps=1e-3, momentum=0.01)  # Keras's BatchNormalization defaults
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.convs[0](x))
-        for conv in self.convs[1:]:
-            x = F.relu(conv(x))
-            x = F.max_pool2d(x, 2)
-            x = F.dropout(x, 0.25, self.training)
-        x = torch.flatten(x, 1)
-        x = self.bn1(F.relu(self.fc1(x)))
-        x = F.dropout(x, 0.5, self.training)
-        return F.log_softmax(self.fc2(x), dim=1)
-
-
-def _pad_same_2x2(x: torch.Tensor) -> torch.Tensor:
-    """TensorFlow's 'same' padding for a 2x2 kernel at stride 1: one row/column at the bottom/right."""
-    return F.pad(x, (0, 1, 0, 1))
-
-
-class ConvNet7(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 2)
-        self.conv2 = nn.Conv2d(16, 32, 2, stride=2)  # 'same' at stride 2 on 28x28 pads nothing
-        self.conv3 = nn.Conv2d(32, 64, 2)
-        self.conv4 = nn.Conv2d(64, 96, 2)
-        self.conv5 = nn.Conv2d(96, 128, 2)
-        self.conv6 = nn.Conv2d(128, 164, 2)
-        self.conv7 = nn.Conv2d(164, 164, 2)
-        self.fc1 = nn.Linear(164, 256)
-        self.bn1 = nn.BatchNorm1d(256, eps=1e-3, momentum=0.01)
-        self.fc2 = nn.Linear(256, 148)
-        self.bn2 = nn.BatchNorm1d(148, eps=1e-3, momentum=0.01)
-        self.fc3 = nn.Linear(148, 128)
-        self.bn3 = nn.BatchNorm1d(128, eps=1e-3, momentum=0.01)
-        self.fc4 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(_pad_same_2x2(x)))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(_pad_same_2x2(x)))
-        x = F.dropout(x, 0.15, self.training)
-        x = F.relu(self.conv4(_pad_same_2x2(x)))
-        x = F.max_pool2d(x, 2)
-        x = F.dropout(x, 0.39, self.training)
-        x = F.relu(self.conv5(_pad_same_2x2(x)))
-        x = F.max_pool2d(x, 2)
-        x = F.dropout(x, 0.3, self.training)
-        x = F.relu(self.conv6(_pad_same_2x2(x)))
-        x = F.relu(self.conv7(_pad_same_2x2(x)))
-        x = F.max_pool2d(x, 2)
-        x = F.dropout(x, 0.4, self.training)
-        x = torch.flatten(x, 1)
-        x = F.dropout(self.bn1(F.relu(self.fc1(x))), 0.5, self.training)
-        x = F.dropout(self.bn2(F.relu(self.fc2(x))), 0.5, self.training)
-        x = F.dropout(self.bn3(F.relu(self.fc3(x))), 0.5, self.training)
-        return F.log_softmax(self.fc4(x), dim=1)
-
-
-EAGER_MODELS: dict[str, Callable[[], nn.Module]] = {"convnet3": ConvNet3, "convnet5": ConvNet5, "convnet7": ConvNet7}
+# Timing a training step in this process (cnnlab's, or the eager PyTorch peer's)
 
 
 class BatchIndices:
@@ -217,15 +130,9 @@ class TorchPeer:
 
 def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor) -> Callable[[torch.Tensor], float]:
-    """pytorch/examples' train loop body, with the batch made from the uint8 images."""
+    """The PyTorch peer's training step on a batch made from the uint8 images."""
     def step(index: torch.Tensor) -> float:
-        data, target = images[index].unsqueeze(1).float() / 255, labels[index]
-        optimizer.zero_grad()
-        output = model(data)
-        loss = F.nll_loss(output, target)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return torch_peer.train_step(model, optimizer, torch_peer.to_input(images[index]), labels[index])
     return step
 
 
@@ -337,15 +244,14 @@ def find_keras_python(requested: str | None) -> tuple[str | None, str]:
 
 def cpu_description() -> dict:
     """CPU model, cores and the vector/matrix extensions that decide the matmul rates."""
-    name, flags = platform.processor() or platform.machine(), set()
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
+            if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
+                break
     return {
-        "model": name, "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "model": cpu_name(), "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx2": "avx2" in flags, "avx512": any(f.startswith("avx512") for f in flags),
         "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags),
@@ -416,26 +322,34 @@ class CnnlabModel:
     model: nn.Module
     splits: Splits
     hardware: Hardware
-    config: TrainConfig = field(default_factory=TrainConfig)
+    recipe: Recipe = field(default_factory=Recipe)
 
 
-def build_cnnlab(name: str, data, seed: int) -> CnnlabModel:
-    config = TrainConfig()
-    hardware = resolve_hardware(config)
-    if hardware.cuda_graph:
+def cpu_hardware() -> Hardware:
+    """cnnlab's defaults (`HardwareRequest()`) resolved for this machine, which must be the CPU."""
+    hardware = resolve_hardware(HardwareRequest())
+    if torch.device(hardware.device).type != "cpu":
         raise SystemExit("bench_cpu.py measures the CPU; this machine resolves to CUDA (use bench_gpu.py)")
-    device = torch.device(hardware.device)
-    splits = make_splits(data.train_images, data.train_labels, data.test_images, data.test_labels,
-                         config, device, seed)
+    return hardware
+
+
+def build_cnnlab(name: str, data: DeviceData, seed: int) -> CnnlabModel:
+    """The model, Keras Adam and the training step as `engine.train` makes them, with the defaults."""
+    recipe, hardware = Recipe(), cpu_hardware()
+    splits = data.splits(seed)
     torch.manual_seed(seed)
-    model = build_model(resolve_model(name), seed=seed).to(device)
-    if hardware.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = KerasAdam(model.parameters(), lr=config.learning_rate, beta_1=config.beta_1,
-                          beta_2=config.beta_2, epsilon=config.epsilon)
+    model = new_model(load_spec(name), seed, hardware)
+    optimizer = KerasAdam(model.parameters(), lr=recipe.learning_rate, beta_1=recipe.beta_1,
+                          beta_2=recipe.beta_2, epsilon=recipe.epsilon)
     model.train()
-    step = TrainStep(model, optimizer, hardware, splits.train_images, splits.train_labels)
-    return CnnlabModel(name, step, model, splits, hardware, config)
+    step = build_train_step(model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size)
+    return CnnlabModel(name, step, model, splits, hardware, recipe)
+
+
+def device_data(dataset: Dataset) -> DeviceData:
+    """The whole Fashion-MNIST run's data on the CPU, as `cnnlab compare` would hold it."""
+    selection = DataSelection(dataset.name)
+    return DeviceData(dataset, selection, torch.device(cpu_hardware().device))
 
 
 def evaluation_seconds(cnnlab_model: CnnlabModel, repeats: int, images: int | None) -> float:
@@ -443,7 +357,7 @@ def evaluation_seconds(cnnlab_model: CnnlabModel, repeats: int, images: int | No
     warm-up batch. With `images`, only that many are timed and the time is scaled to the whole
     split: evaluation runs in equal batches of 1000, so its time is proportional to the images."""
     m, splits = cnnlab_model, cnnlab_model.splits
-    batch = m.config.eval_batch_size
+    batch = m.recipe.eval_batch_size
     evaluate(m.model, splits.val_images[:batch], splits.val_labels[:batch], m.hardware, batch)
     used = min(images or len(splits.val_images), len(splits.val_images))
     seconds = []
@@ -457,10 +371,10 @@ def evaluation_seconds(cnnlab_model: CnnlabModel, repeats: int, images: int | No
 
 def rss_probe(name: str, data_dir: Path, seed: int) -> None:
     """Child-process mode: what one cnnlab process training `name` holds at its peak, printed as JSON."""
-    data = load_dataset("fashion-mnist", data_dir=data_dir, progress=False)
+    data = device_data(load_dataset("fashion-mnist", data_dir=data_dir, progress=False))
     m = build_cnnlab(name, data, seed)
     TorchPeer(m.step, len(m.splits.train_images), seed).time_steps(2)
-    batch = m.config.eval_batch_size  # one full evaluation batch: evaluation's peak is per batch
+    batch = m.recipe.eval_batch_size  # one full evaluation batch: evaluation's peak is per batch
     evaluate(m.model, m.splits.val_images[:batch], m.splits.val_labels[:batch], m.hardware, batch)
     print(json.dumps({"model": name, "peak_rss_mib": peak_rss_mib()}))
 
@@ -498,8 +412,8 @@ def run(settings: Settings, data_dir: Path) -> dict:
     started = time.perf_counter()
     machine = results["machine"]
     log(f"machine: {machine['model']}, {machine['usable_cores']} cores, {results['pressure_start']}")
-    data = load_dataset("fashion-mnist", data_dir=data_dir, progress=False)
-    train_images, train_labels = data.train_images[:EPOCH_IMAGES], data.train_labels[:EPOCH_IMAGES].long()
+    data = device_data(load_dataset("fashion-mnist", data_dir=data_dir, progress=False))
+    train_images, train_labels = data.train_images[:EPOCH_IMAGES], data.train_labels[:EPOCH_IMAGES]
     with tempfile.TemporaryDirectory(prefix="bench_cpu_") as temp:
         keras_peer = start_keras(settings, train_images, train_labels, Path(temp), results)
         try:
@@ -541,7 +455,7 @@ def start_keras(settings: Settings, images: torch.Tensor, labels: torch.Tensor, 
     return peer
 
 
-def measure(settings: Settings, data, train_images: torch.Tensor, train_labels: torch.Tensor,
+def measure(settings: Settings, data: DeviceData, train_images: torch.Tensor, train_labels: torch.Tensor,
             keras_peer: KerasPeer | None, results: dict, data_dir: Path) -> None:
     """Matmul rates, warm-up, the interleaved rounds, evaluation time and peak RSS, into `results`."""
     fp32_start, _ = matmul_gflops(torch.float32, 2048, 2.0)
@@ -582,7 +496,7 @@ def measure(settings: Settings, data, train_images: torch.Tensor, train_labels: 
 Peer = TorchPeer | KerasModelPeer
 
 
-def build_peers(settings: Settings, data, train_images: torch.Tensor, train_labels: torch.Tensor,
+def build_peers(settings: Settings, data: DeviceData, train_images: torch.Tensor, train_labels: torch.Tensor,
                 keras_peer: KerasPeer | None, results: dict
                 ) -> tuple[dict[str, dict[str, Peer]], dict[str, CnnlabModel]]:
     """Every model's peers, each warmed up (Keras: built, compiled and stepped) before any timing."""
@@ -590,16 +504,16 @@ def build_peers(settings: Settings, data, train_images: torch.Tensor, train_labe
     cnnlab_models: dict[str, CnnlabModel] = {}
     for name in settings.models:
         entry = results["models"].setdefault(name, {})
-        summary = summarize(resolve_model(name))
+        summary = summarize(load_spec(name))
         entry["training_flops_per_sample"] = summary.training_flops
         cnnlab_models[name] = m = build_cnnlab(name, data, settings.seed)
         entry["hardware"] = asdict(m.hardware)
         torch.manual_seed(settings.seed)
-        eager_model = EAGER_MODELS[name]().train()
-        eager_params = sum(p.numel() for p in eager_model.parameters())
-        if eager_params != summary.trainable_params:  # the hand-written copy must be the same network
+        eager_model = torch_peer.build(name)
+        eager_params = torch_peer.parameter_count(eager_model)
+        if eager_params != summary.trainable_params:  # the hand-written peer must be the same network
             raise SystemExit(f"eager {name} has {eager_params:,} parameters, the spec {summary.trainable_params:,}")
-        optimizer = torch.optim.Adam(eager_model.parameters(), lr=1e-3, eps=1e-7)
+        optimizer = torch_peer.make_optimizer(eager_model)
         peers[name] = {
             "cnnlab": TorchPeer(m.step, len(m.splits.train_images), settings.seed),
             "eager": TorchPeer(eager_step(eager_model, optimizer, train_images, train_labels),
@@ -671,7 +585,7 @@ def markdown_table(results: dict) -> str:
     for name, e in results["models"].items():
         if "cnnlab" not in e:
             continue
-        ms = lambda peer: e.get(peer, {}).get("median_ms")  # noqa: E731
+        ms = lambda peer, e=e: e.get(peer, {}).get("median_ms")
         rows.append(
             f"| {name} | {_fmt(ms('cnnlab'), '.1f')} | {_fmt(ms('eager'), '.1f')} | {_fmt(ms('keras'), '.1f')} | "
             f"{_fmt(e.get('speedup_vs_keras'), '.2f', 'x')} | {_fmt(e.get('speedup_vs_eager'), '.2f', 'x')} | "
@@ -698,7 +612,7 @@ def markdown_entry(results: dict) -> str:
         f"- Command: `{results['command']}`",
         f"- Method: batch 128 on Fashion-MNIST; {s['warmup_steps']} warm-up steps per peer, then {s['rounds']} "
         f"interleaved rounds x {s['steps_per_round']} timed steps of every peer and model; medians. "
-        f"cnnlab: `TrainStep` with `TrainConfig()`'s defaults, resolved here to {hardware['precision']}, "
+        f"cnnlab: `build_train_step` with `Recipe()` and `HardwareRequest()`'s defaults, resolved here to {hardware['precision']}, "
         f"{'channels_last' if hardware.get('channels_last') else 'NCHW'}, "
         f"{'compiled' if hardware['compiled'] else 'not compiled'}, {hardware['threads']} threads; "
         "eager PyTorch: pytorch/examples style fp32, torch.optim.Adam, `loss.item()` per batch; "

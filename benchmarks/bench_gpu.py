@@ -5,6 +5,13 @@ Runs unattended on a CUDA machine; writes a JSON of results and prints a Markdow
 BENCHMARKS.md. Usage (data: a folder with fashion-mnist/ IDX files):
 
     python benchmarks/bench_gpu.py --data-dir DATA [--epochs 12] [--out results.json] [--cudnn-benchmark]
+    python benchmarks/bench_gpu.py --data-dir DATA --device cpu --epochs 1 --baseline-steps 2 \
+        --limit-train 512 --limit-test 500        # a smoke test of the script, on the CPU
+
+cnnlab: its network (`engine.new_model`) and its training step (`engine.build_train_step`, where
+`--compile` may name a torch.compile mode to try instead of cnnlab's own settings), trained by
+training_loop.py, which is `engine.train`'s loop. The peer: peers/torch_peer.py, timed per step.
+`--cudnn-benchmark` turns on cuDNN's autotuning for the whole process (cnnlab leaves it off).
 
 Timing discipline: compile/warm-up time is reported separately from training time; training wall
 time is measured with CUDA synchronisation at epoch boundaries (as `cnnlab` does).
@@ -21,71 +28,64 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from cnnlab.catalog import load_spec
+from cnnlab.config import DataSelection, HardwareRequest, Recipe
 from cnnlab.datasets import load_dataset
-from cnnlab.engine import TrainConfig, make_splits, resolve_hardware, train
-from cnnlab.models import build_model, resolve_model, summarize
+from cnnlab.engine import DeviceData, new_model
+from cnnlab.hardware import resolve_hardware
+from cnnlab.models import summarize
+from peers import torch_peer
+from training_loop import synchronize, train_model
 
 MODELS = ["convnet3", "convnet5", "convnet7"]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def eager_pytorch_epoch_seconds(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
-    """Plain eager fp32 PyTorch as a user writes it (pytorch/examples' loop, data already on the GPU):
+    """The PyTorch peer (plain eager fp32, pytorch/examples' loop with the data already on the GPU):
     per-batch .item() of the loss, torch.optim.Adam; returns the extrapolated seconds per 60k epoch."""
     device = images.device
-    model = build_model(resolve_model(name), seed=0).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
-    model.train()
+    torch.manual_seed(0)
+    model = torch_peer.build(name).to(device)
+    optimizer = torch_peer.make_optimizer(model)
     order = torch.randperm(len(images), device=device)
     timings = []
     for i in range(steps + 5):
         index = order[(i * 128) % (len(images) - 128):][:128]
-        x = images[index].unsqueeze(1).float() / 255
-        y = labels[index]
-        _sync(device)
+        data, target = torch_peer.to_input(images[index]), labels[index]
+        synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # the per-batch logging every PyTorch example does
-        _sync(device)
+        torch_peer.train_step(model, optimizer, data, target)  # .item(): the per-batch logging every example does
+        synchronize(device)
         if i >= 5:
             timings.append(time.perf_counter() - start)
     timings.sort()
     return timings[len(timings) // 2] * math.ceil(60000 / 128)
 
 
-def run_cnnlab(name: str, data, device: torch.device, args, compile_setting: str) -> dict:
+def run_cnnlab(name: str, data: DeviceData, args, compile_setting: str) -> dict:
     """cnnlab's defaults on one model: a warm-up epoch (compilation), then the timed full run.
 
-    `compile_setting` is auto/on/off, or a torch.compile mode to try instead of the default one."""
-    mode = None
+    `compile_setting` is auto/on/off, or a torch.compile mode to try instead of the default one
+    (compiled, without the whole-step CUDA graph)."""
+    mode = "default"
     if compile_setting not in ("auto", "on", "off"):
         compile_setting, mode = "on", compile_setting
-    config = TrainConfig(epochs=args.epochs, compile=compile_setting, device=args.device, limit_train=args.limit_train)
-    hardware = resolve_hardware(config)
-    if mode is not None:
-        hardware = dataclasses.replace(hardware, compile_mode=mode, cuda_graph=False)
-    if args.cudnn_benchmark:
-        hardware = dataclasses.replace(hardware, cudnn_benchmark=True)
-    spec = resolve_model(name)
-    splits = make_splits(data.train_images, data.train_labels, data.test_images, data.test_labels, config, device, 0)
-    warm_config = TrainConfig(epochs=1, compile=compile_setting, device=args.device, limit_train=args.limit_train)
+    hardware = resolve_hardware(HardwareRequest(device=args.device, compile=compile_setting))
+    if mode != "default":
+        hardware = dataclasses.replace(hardware, cuda_graph=False)
+    device = torch.device(hardware.device)
+    spec = load_spec(name)
+    splits = data.splits(0)
+    build = lambda: new_model(spec, 0, hardware)  # noqa: E731
     started = time.perf_counter()
-    train(spec, splits, warm_config, seed=0, hardware=hardware)
+    train_model(build, Recipe(epochs=1), 0, splits, hardware, compile_mode=mode)
     warm_seconds = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = train(spec, splits, config, seed=0, hardware=hardware)
-    _sync(device)
+    result = train_model(build, Recipe(epochs=args.epochs), 0, splits, hardware, compile_mode=mode)
+    synchronize(device)
     wall = time.perf_counter() - started
     epoch_seconds = [r.train_seconds + r.val_seconds for r in result.history]
     later = epoch_seconds[1:] or epoch_seconds
@@ -93,8 +93,8 @@ def run_cnnlab(name: str, data, device: torch.device, args, compile_setting: str
     train_seconds = sum(r.train_seconds for r in result.history)
     flops = summarize(spec).training_flops * len(splits.train_images) * args.epochs
     return dict(
-        precision=hardware.precision, compiled=hardware.compiled, compile_mode=hardware.compile_mode,
-        cuda_graph=hardware.cuda_graph, cudnn_benchmark=hardware.cudnn_benchmark,
+        precision=hardware.precision, compiled=hardware.compiled, compile_mode=mode,
+        cuda_graph=hardware.cuda_graph, cudnn_benchmark=torch.backends.cudnn.benchmark,
         channels_last=hardware.channels_last, warmup_seconds=warm_seconds, wall_seconds=wall,
         train_seconds=train_seconds, val_seconds=sum(r.val_seconds for r in result.history),
         median_epoch_seconds=steady, first_epoch_seconds=epoch_seconds[0],
@@ -114,12 +114,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--limit-train", type=int, default=None, help="smoke tests only")
+    parser.add_argument("--limit-test", type=int, default=None, help="smoke tests only")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms for each shape (cnnlab's default leaves it off)")
     args = parser.parse_args()
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # a per-process switch: cnnlab itself leaves it off
     device = torch.device(args.device)
-    data = load_dataset("fashion-mnist", data_dir=args.data_dir, progress=False)
+    selection = DataSelection("fashion-mnist", str(args.data_dir), args.limit_train, args.limit_test)
+    data = DeviceData(load_dataset(selection.dataset, data_dir=args.data_dir, progress=False), selection, device)
     results: dict = {
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke test)",
         "torch": torch.__version__, "python": platform.python_version(),
@@ -129,10 +133,9 @@ def main() -> None:
     def save() -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
-    train_images, train_labels = data.train_images.to(device), data.train_labels.long().to(device)
     for name in MODELS:
         results["models"][name] = {"eager_fp32_epoch_seconds": eager_pytorch_epoch_seconds(
-            name, train_images, train_labels, args.baseline_steps)}
+            name, data.train_images, data.train_labels, args.baseline_steps)}
         print(name, results["models"][name], flush=True)
         save()
 
@@ -142,7 +145,7 @@ def main() -> None:
         # Fall back to compiling without CUDA graphs, then to eager, if a setting fails.
         for compile_setting in dict.fromkeys([args.compile, "reduce-overhead", "off"]):
             try:
-                entry.update(run_cnnlab(name, data, device, args, compile_setting))
+                entry.update(run_cnnlab(name, data, args, compile_setting))
                 break
             except Exception as exc:  # noqa: BLE001 - recorded, then the fallback runs
                 entry[f"error_compile_{compile_setting}"] = f"{type(exc).__name__}: {exc}"[:2000]

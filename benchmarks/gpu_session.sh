@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything the GPU targets need, in one unattended run on a lent GPU machine: the whole seed
-# comparison against eager PyTorch (bench_gpu.py, without and with cuDNN autotuning), then the
-# accuracy evidence for the GPU's defaults (bf16, compiled, CUDA graphs) against fp32 training
-# (bench_accuracy.py). DATA must hold fashion-mnist/ and mnist/; results go to OUT. Not yet run as
-# a whole: its scripts have each run (bench_gpu.py on an H200, bench_accuracy.py on the CPU).
+# comparison against the eager PyTorch peer (bench_gpu.py, without and with cuDNN autotuning, which
+# bench_gpu.py switches on for its own process), then the accuracy evidence for the GPU's defaults
+# (bf16, compiled, CUDA graphs) against fp32 training (bench_accuracy.py). DATA must hold
+# fashion-mnist/ and mnist/; results go to OUT. Not yet run as a whole: its scripts have each run
+# before cnnlab 0.2 (bench_gpu.py on an H200, bench_accuracy.py on the CPU); since their port to
+# 0.2's API (engine.build_train_step, peers/torch_peer.py) they have run on the CPU only.
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
 set -euo pipefail

@@ -1,19 +1,26 @@
-"""Scratch helpers for the explore_* benchmarks (not part of the package).
+"""Scratch helpers for the explore_* scripts (not part of the package).
 
-Three models of the seed notebook, written plainly (like pytorch/examples
-mnist/main.py), with a pluggable dropout function so dropout variants can be
-compared on identical networks.  Timing helpers interleave variants and
-report medians, because the 2-core machine is shared.
+The networks are the PyTorch peer's (benchmarks/peers/torch_peer.py: the seed notebook's three
+models written plainly, like pytorch/examples mnist/main.py), whose dropout function is pluggable
+so that the dropout variants below can be compared on identical networks. Timing helpers
+interleave variants and report medians, because the 2-core machine is shared.
 """
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the peers
+
+from cnnlab.catalog import load_spec  # noqa: E402
+from cnnlab.models import FastDropout, summarize  # noqa: E402
+from peers.torch_peer import MODELS, build, make_optimizer, parameter_count, train_step  # noqa: E402,F401 (re-exported)
 
 BATCH = 128
 
@@ -122,8 +129,14 @@ def drop_bytes_fn(x, p, training):
     return _DropMaskFn.apply(x, keep, 256.0 / (256 - thr))
 
 
+def drop_cnnlab(x, p, training):
+    """cnnlab's own masks (models.FastDropout: four 16-bit uniforms from each 64-bit draw)."""
+    return FastDropout(p).train(training)(x)
+
+
 DROPS: Dict[str, Callable] = {
     "native": drop_native,
+    "cnnlab": drop_cnnlab,
     "rand_lt": drop_rand_lt,
     "bern_u8": drop_bernoulli_u8,
     "bern_bf16": drop_bernoulli_bf16,
@@ -134,131 +147,10 @@ DROPS: Dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------
-# models
+# FLOPs of a training step: cnnlab's count for the same network (3 x forward)
 # --------------------------------------------------------------------------
-class ConvNet3(nn.Module):
-    def __init__(self, drop=drop_native):
-        super().__init__()
-        self.drop = drop
-        self.conv1 = nn.Conv2d(1, 32, 3)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.conv3 = nn.Conv2d(64, 128, 3)
-        self.fc1 = nn.Linear(15488, 256)
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x):
-        d, t = self.drop, self.training
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = d(x, 0.25, t)
-        x = F.relu(self.conv3(x))
-        x = F.max_pool2d(x, 2)
-        x = d(x, 0.25, t)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = d(x, 0.5, t)
-        return self.fc2(x)
-
-
-class ConvNet5(nn.Module):
-    def __init__(self, drop=drop_native):
-        super().__init__()
-        self.drop = drop
-        ch = [1, 32, 64, 96, 128, 164]
-        self.convs = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 5, padding=2) for i in range(5))
-        self.fc1 = nn.Linear(164, 256)
-        self.bn = nn.BatchNorm1d(256, eps=1e-3, momentum=0.01)
-        self.fc2 = nn.Linear(256, 10)
-
-    def forward(self, x):
-        d, t = self.drop, self.training
-        x = F.relu(self.convs[0](x))
-        for conv in self.convs[1:]:
-            x = F.relu(conv(x))
-            x = F.max_pool2d(x, 2)
-            x = d(x, 0.25, t)
-        x = torch.flatten(x, 1)
-        x = self.bn(F.relu(self.fc1(x)))
-        x = d(x, 0.5, t)
-        return self.fc2(x)
-
-
-def _same2(x):
-    # TF 'same' padding for a 2x2 kernel, stride 1: 0 top/left, 1 bottom/right
-    return F.pad(x, (0, 1, 0, 1))
-
-
-class ConvNet7(nn.Module):
-    def __init__(self, drop=drop_native):
-        super().__init__()
-        self.drop = drop
-        self.c1 = nn.Conv2d(1, 16, 2)
-        self.c2 = nn.Conv2d(16, 32, 2, stride=2)  # 28 -> 14, TF 'same' pads 0 here
-        self.c3 = nn.Conv2d(32, 64, 2)
-        self.c4 = nn.Conv2d(64, 96, 2)
-        self.c5 = nn.Conv2d(96, 128, 2)
-        self.c6 = nn.Conv2d(128, 164, 2)
-        self.c7 = nn.Conv2d(164, 164, 2)
-        self.f1 = nn.Linear(164, 256)
-        self.b1 = nn.BatchNorm1d(256, eps=1e-3, momentum=0.01)
-        self.f2 = nn.Linear(256, 148)
-        self.b2 = nn.BatchNorm1d(148, eps=1e-3, momentum=0.01)
-        self.f3 = nn.Linear(148, 128)
-        self.b3 = nn.BatchNorm1d(128, eps=1e-3, momentum=0.01)
-        self.f4 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        d, t = self.drop, self.training
-        x = F.relu(self.c1(_same2(x)))
-        x = F.relu(self.c2(x))
-        x = F.relu(self.c3(_same2(x)))
-        x = d(x, 0.15, t)
-        x = F.relu(self.c4(_same2(x)))
-        x = F.max_pool2d(x, 2)
-        x = d(x, 0.39, t)
-        x = F.relu(self.c5(_same2(x)))
-        x = F.max_pool2d(x, 2)
-        x = d(x, 0.3, t)
-        x = F.relu(self.c6(_same2(x)))
-        x = F.relu(self.c7(_same2(x)))
-        x = F.max_pool2d(x, 2)
-        x = d(x, 0.4, t)
-        x = torch.flatten(x, 1)
-        x = d(self.b1(F.relu(self.f1(x))), 0.5, t)
-        x = d(self.b2(F.relu(self.f2(x))), 0.5, t)
-        x = d(self.b3(F.relu(self.f3(x))), 0.5, t)
-        return self.f4(x)
-
-
-MODELS = {"convnet3": ConvNet3, "convnet5": ConvNet5, "convnet7": ConvNet7}
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
-# --------------------------------------------------------------------------
-# FLOPs: forward MACs of conv/linear via hooks; training = 2*MACs*3
-# --------------------------------------------------------------------------
-def train_flops(model, batch=BATCH):
-    macs = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Conv2d):
-            k = mod.weight.shape[1] * mod.weight.shape[2] * mod.weight.shape[3]
-            macs[0] += out.numel() * k
-        elif isinstance(mod, nn.Linear):
-            macs[0] += out.numel() * mod.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(batch, 1, 28, 28))
-    model.train(was)
-    for h in hs:
-        h.remove()
-    return 2 * macs[0] * 3
+def train_flops(name, batch=BATCH):
+    return summarize(load_spec(name)).training_flops * batch
 
 
 # --------------------------------------------------------------------------
@@ -273,17 +165,6 @@ def fake_batch(batch=BATCH, channels_last=False, seed=0):
     return x, y
 
 
-def make_adam(model, **kw):
-    return torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, **kw)
-
-
-def plain_step(model, opt, x, y, set_to_none=True, item=True):
-    opt.zero_grad(set_to_none=set_to_none)
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    loss.backward()
-    opt.step()
-    return loss.item() if item else loss
 
 
 # --------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Runs under an interpreter with TensorFlow and Keras (e.g. /work/venv-bench/bin/python); it needs
 neither torch nor cnnlab. bench_cpu.py starts it once and keeps it for the whole benchmark, so each
-model is built and compiled once. Protocol: one request per line on stdin, one JSON line per reply
+model is built and compiled once. It is the one Keras copy of the networks in benchmarks/
+(peers/torch_peer.py is the PyTorch one). Protocol: one request per line on stdin, one JSON line per reply
 on stdout (everything else TensorFlow prints goes to stderr):
 
     (on start)      -> {"ok": true, "ready": true, "tensorflow": "2.21.0", "keras": ..., "import_seconds": ...}
@@ -11,7 +12,7 @@ on stdout (everything else TensorFlow prints goes to stderr):
     convnet3 5      -> {"ok": true, "model": "convnet3", "seconds": [5 per-step wall times]}
     quit
 
-Usage: python benchmarks/keras_peer.py DATA_FOLDER [--seed 0], where DATA_FOLDER holds
+Usage: python benchmarks/peers/keras_peer.py DATA_FOLDER [--seed 0], where DATA_FOLDER holds
 train_images.npy (uint8, N x 28 x 28) and train_labels.npy (integers), as bench_cpu.py writes them.
 A timed step is the seed's batch of 128 (random indices, gathered from the float32 array as
 `fit` would) and one `train_on_batch`, whose returned loss makes it wait for the result.
@@ -34,9 +35,9 @@ sys.stdout = sys.stderr
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _started = time.perf_counter()
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 from keras.initializers import he_normal  # noqa: E402
 from keras.layers import BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D  # noqa: E402
 from keras.models import Sequential  # noqa: E402

@@ -2,8 +2,8 @@
 in the same process.  Usage: python explore_levers.py MODEL GROUP [rounds per_round]
 GROUP: layout | threads | dropout | optim | metrics | combo"""
 import sys, contextlib, torch, torch.nn.functional as F
-from explore_common import (MODELS, DROPS, fake_batch, make_adam, time_interleaved, report,
-                            train_flops, mm_gflops, mm_rates)
+from explore_common import (DROPS, build as build_peer, fake_batch, make_optimizer, time_interleaved, report,
+                            train_flops, mm_rates)
 
 
 BASE_THREADS = 2
@@ -12,10 +12,10 @@ BASE_THREADS = 2
 def build(name, drop="native", cl=False, mkldnn=True, threads=None, opt_kw=None,
           set_to_none=True, item=True):
     torch.manual_seed(0)
-    m = MODELS[name](DROPS[drop]).train()
+    m = build_peer(name, DROPS[drop])
     if cl:
         m = m.to(memory_format=torch.channels_last)
-    opt = make_adam(m, **(opt_kw or {}))
+    opt = make_optimizer(m, **(opt_kw or {}))
     x, y = fake_batch(channels_last=cl)
     acc = {"loss": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long)}
 
@@ -26,7 +26,7 @@ def build(name, drop="native", cl=False, mkldnn=True, threads=None, opt_kw=None,
         with ctx:
             opt.zero_grad(set_to_none=set_to_none)
             out = m(x)
-            loss = F.cross_entropy(out, y)
+            loss = F.nll_loss(out, y)
             loss.backward()
             opt.step()
             if item:
@@ -48,7 +48,7 @@ GROUPS = {
     "mkldnn": {"plain": {}, "mkldnn_off": {"mkldnn": False}},
     "threads": {"plain(2thr)": {}, "1thread": {"threads": 1}},
     "dropout": {"plain": {}, "rand_lt": {"drop": "rand_lt"}, "bern_u8": {"drop": "bern_u8"},
-                "bytes": {"drop": "bytes"}, "bytes_f": {"drop": "bytes_f"}},
+                "bytes": {"drop": "bytes"}, "bytes_f": {"drop": "bytes_f"}, "cnnlab": {"drop": "cnnlab"}},
     "optim": {"plain": {}, "foreach": {"opt_kw": {"foreach": True}}, "fused": {"opt_kw": {"fused": True}},
               "zero_grad(set_to_none=False)": {"set_to_none": False}},
     "metrics": {"plain(.item x2)": {}, "on-tensor": {"item": False}},
@@ -72,5 +72,5 @@ if __name__ == "__main__":
     print("before:", mm_rates(), flush=True)
     steps = {k: build(name, **kw) for k, kw in variants.items()}
     res = time_interleaved(steps, warmup=2, rounds=rounds, per_round=per)
-    report(res, base=next(iter(variants)), flops=train_flops(MODELS[name]()), title=f"{name} {group}")
+    report(res, base=next(iter(variants)), flops=train_flops(name), title=f"{name} {group}")
     print("after:", mm_rates())

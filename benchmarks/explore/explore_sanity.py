@@ -1,10 +1,10 @@
 """Sanity: param counts, training FLOPs per step, fp32 mm rate, bf16 vs fp32 conv."""
 import time, statistics, torch, torch.nn.functional as F
-from explore_common import MODELS, n_params, train_flops, mm_gflops
+from explore_common import MODELS, build, parameter_count, train_flops, mm_gflops
 
-for name, cls in MODELS.items():
-    m = cls()
-    print(f"{name}: params {n_params(m):,}  train GFLOP/step(b128) {train_flops(m)/1e9:.2f}")
+for name in MODELS:
+    m = build(name)
+    print(f"{name}: params {parameter_count(m):,}  train GFLOP/step(b128) {train_flops(name)/1e9:.2f}")
 print(f"fp32 mm 2048: {mm_gflops():.1f} GFLOP/s")
 
 def t(fn, n=5):

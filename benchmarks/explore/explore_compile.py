@@ -12,7 +12,7 @@ for _k in os.environ.get("IND_CFG", "").split(","):  # e.g. IND_CFG=fallback_ran
         _n, _, _v = _k.partition("=")
         setattr(ic, _n, bool(int(_v)) if _v else True)
         print("inductor config", _n, getattr(ic, _n))
-from explore_common import MODELS, DROPS, fake_batch, make_adam, time_interleaved, report, train_flops, mm_rates
+from explore_common import DROPS, build, fake_batch, make_optimizer, time_interleaved, report, train_flops, mm_rates
 
 name = sys.argv[1]
 variants = sys.argv[2].split(",")
@@ -24,14 +24,14 @@ print("before:", mm_rates(), flush=True)
 
 def eager(drop="native", cl=False, fused=False):
     torch.manual_seed(0)
-    m = MODELS[name](DROPS[drop]).train()
+    m = build(name, DROPS[drop])
     if cl: m = m.to(memory_format=torch.channels_last)
-    opt = make_adam(m, fused=fused) if fused else make_adam(m)
+    opt = make_optimizer(m, fused=fused) if fused else make_optimizer(m)
     x, y = fake_batch(channels_last=cl)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(m(x), y)
+        loss = F.nll_loss(m(x), y)
         loss.backward()
         opt.step()
         return loss.item()
@@ -41,18 +41,18 @@ def eager(drop="native", cl=False, fused=False):
 def compiled(kind):
     torch.manual_seed(0)
     cl = kind == "model_cl"
-    m = MODELS[name]().train()
+    m = build(name)
     if cl: m = m.to(memory_format=torch.channels_last)
     x, y = fake_batch(channels_last=cl)
     fused = kind in ("model_fused", "ca")
-    opt = make_adam(m, fused=True) if fused else make_adam(m)
+    opt = make_optimizer(m, fused=True) if fused else make_optimizer(m)
     mode = "max-autotune-no-cudagraphs" if kind == "maxat" else None
     cm = torch.compile(m, mode=mode)
     opt_step = torch.compile(opt.step) if kind == "model+opt" else opt.step
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(cm(x), y)
+        loss = F.nll_loss(cm(x), y)
         loss.backward()
         opt_step()
         return loss.item()
@@ -63,7 +63,7 @@ def compiled(kind):
 
         @torch.compile
         def fwd_bwd(x, y):
-            loss = F.cross_entropy(m(x), y)
+            loss = F.nll_loss(m(x), y)
             loss.backward()
             return loss
 
@@ -85,5 +85,5 @@ for v in variants:
     else:
         steps[v] = compiled(v)
 res = time_interleaved(steps, warmup=2, rounds=rounds, per_round=per)
-report(res, base="eager plain", flops=train_flops(MODELS[name]()), title=f"{name} compile")
+report(res, base="eager plain", flops=train_flops(name), title=f"{name} compile")
 print("after:", mm_rates())
