@@ -8,7 +8,7 @@ batch 128) is trained twice:
 - **reference**: plain fp32 in PyTorch's default NCHW layout, not compiled, with `nn.Dropout`'s
   `bernoulli_` masks instead of cnnlab's: the spec's network from `models.build_model` with each
   `FastDropout` swapped for an `nn.Dropout` of the same rate, trained with cnnlab's public step
-  (`engine.build_train_step`) by training_loop.py, which keeps `engine.train`'s conventions.
+  by `engine.train` itself, given the reference network's builder (`build=`).
 
 Same seed, same initial weights and the same shuffles; only the arithmetic and the dropout random
 stream differ. It reports each run's test accuracy after the last epoch, the means over seeds, the
@@ -45,7 +45,6 @@ from cnnlab.hardware import resolve_hardware
 from cnnlab.models import FastDropout, build_model
 from cnnlab.spec import ModelSpec
 from cnnlab.stats import aggregate, welch
-from training_loop import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["convnet3", "convnet5", "convnet7"]
@@ -64,45 +63,63 @@ def reference_model(spec: ModelSpec, seed: int, hardware: Hardware) -> nn.Module
     return model.to(memory_format=torch.channels_last) if hardware.channels_last else model
 
 
-def train_once(model_name: str, seed: int, recipe: Recipe, splits: Splits, defaults: Hardware,
-               reference: bool) -> dict:
+def train_once(model_name: str, seed: int, recipe: Recipe, splits: Splits, defaults: Hardware, reference: bool) -> dict:
     """One training run; returns its settings, final test accuracy and time."""
     spec = load_spec(model_name)
     started = time.perf_counter()
     if reference:
         hardware = replace(defaults, precision="fp32", channels_last=False, compiled=False, cuda_graph=False)
-        result = train_model(lambda: reference_model(spec, seed, hardware), recipe, seed, splits, hardware)
+        result = train(spec, recipe, seed, splits, hardware, build=reference_model)
     else:
         hardware = defaults
         result = train(spec, recipe, seed, splits, hardware)
     seconds = time.perf_counter() - started
     last = result.history[-1]
-    return {"model": model_name, "seed": seed, "config": "reference" if reference else "defaults",
-            "precision": hardware.precision, "channels_last": hardware.channels_last,
-            "compiled": hardware.compiled, "dropout": "bernoulli_" if reference else "cnnlab",
-            "test_accuracy": result.test.accuracy, "test_loss": result.test.loss,
-            "train_accuracy": last.accuracy, "seconds": seconds,
-            "history": [asdict(r) for r in result.history]}
+    return {
+        "model": model_name,
+        "seed": seed,
+        "config": "reference" if reference else "defaults",
+        "precision": hardware.precision,
+        "channels_last": hardware.channels_last,
+        "compiled": hardware.compiled,
+        "dropout": "bernoulli_" if reference else "cnnlab",
+        "test_accuracy": result.test.accuracy,
+        "test_loss": result.test.loss,
+        "train_accuracy": last.accuracy,
+        "seconds": seconds,
+        "history": [asdict(r) for r in result.history],
+    }
 
 
 def summarise(runs: list[dict], models: list[str]) -> list[dict]:
     """Per model: mean and spread of each configuration, the difference and Welch's test."""
     rows = []
     for model_name in models:
-        accuracies = {c: [r["test_accuracy"] for r in runs if r["model"] == model_name and r["config"] == c]
-                      for c in ("defaults", "reference")}
+        accuracies = {
+            c: [r["test_accuracy"] for r in runs if r["model"] == model_name and r["config"] == c]
+            for c in ("defaults", "reference")
+        }
         if not accuracies["defaults"] or not accuracies["reference"]:
             continue
         a, b = aggregate(accuracies["defaults"]), aggregate(accuracies["reference"])
         test = welch(accuracies["defaults"], accuracies["reference"], "defaults", "reference")
         difference_pp = (a.mean - b.mean) * 100
-        rows.append({"model": model_name, "seeds": min(a.n, b.n),
-                     "defaults": accuracies["defaults"], "reference": accuracies["reference"],
-                     "defaults_mean": a.mean, "defaults_std": a.std,
-                     "reference_mean": b.mean, "reference_std": b.std,
-                     "difference_pp": difference_pp, "p_value": test.p_value,
-                     "ci_pp": [test.ci_low * 100, test.ci_high * 100],
-                     "within_bar": abs(difference_pp) <= BAR_PP})
+        rows.append(
+            {
+                "model": model_name,
+                "seeds": min(a.n, b.n),
+                "defaults": accuracies["defaults"],
+                "reference": accuracies["reference"],
+                "defaults_mean": a.mean,
+                "defaults_std": a.std,
+                "reference_mean": b.mean,
+                "reference_std": b.std,
+                "difference_pp": difference_pp,
+                "p_value": test.p_value,
+                "ci_pp": [test.ci_low * 100, test.ci_high * 100],
+                "within_bar": abs(difference_pp) <= BAR_PP,
+            }
+        )
     return rows
 
 
@@ -128,20 +145,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
         half_width = (r["ci_pp"][1] - r["ci_pp"][0]) / 2
         if not half_width <= 1.0:  # NaN (one seed) or wider than +-1 pp: the seeds cannot resolve 0.15 pp
             verdict += " (too few seeds to tell)" if half_width != half_width else " (CI too wide to tell)"
-        lines.append(f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
-                     f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
-                     f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {verdict} |")
+        lines.append(
+            f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
+            f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
+            f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {verdict} |"
+        )
     lines.append("")
-    lines.append("Per seed (defaults / reference): " + "; ".join(
-        f"{r['model']} " + ", ".join(f"{a * 100:.2f}/{b * 100:.2f}" for a, b in zip(r["defaults"], r["reference"]))
-        for r in rows) + f". Wall time {meta['wall_minutes']:.0f} min.")
+    lines.append(
+        "Per seed (defaults / reference): "
+        + "; ".join(
+            f"{r['model']} " + ", ".join(f"{a * 100:.2f}/{b * 100:.2f}" for a, b in zip(r["defaults"], r["reference"]))
+            for r in rows
+        )
+        + f". Wall time {meta['wall_minutes']:.0f} min."
+    )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CNNLAB_DATA_DIR", REPO.parent / "shared" / "data")))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("CNNLAB_DATA_DIR", REPO.parent / "shared" / "data"))
+    )
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--seeds", type=int, default=3)
@@ -150,10 +177,15 @@ def main() -> None:
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here (after every run)")
     parser.add_argument("--append", type=Path, default=None, help="append a dated Markdown entry to this file")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already saved in --json and train only the missing ones")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="train nothing: print (and --append) the entry for the runs saved in this JSON")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already saved in --json and train only the missing ones"
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="train nothing: print (and --append) the entry for the runs saved in this JSON",
+    )
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
@@ -169,14 +201,20 @@ def main() -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{resolved.device_name} ({resolved.device}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "python": platform.python_version(), "cnnlab": cnnlab.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cnnlab": cnnlab.__version__,
         "command": "python " + shlex.join(["benchmarks/bench_accuracy.py", *sys.argv[1:]]),
-        "data": (f"{args.dataset} from {args.data_dir}: {len(dataset.train_images)} training images"
-                 f"{f' (first {args.limit_train})' if args.limit_train else ''}, "
-                 f"{args.limit_test or len(dataset.test_images)} test images"),
+        "data": (
+            f"{args.dataset} from {args.data_dir}: {len(dataset.train_images)} training images"
+            f"{f' (first {args.limit_train})' if args.limit_train else ''}, "
+            f"{args.limit_test or len(dataset.test_images)} test images"
+        ),
         "epochs": args.epochs,
-        "defaults": (f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
-                     f"{'compiled' if resolved.compiled else 'not compiled'}, cnnlab's dropout masks"),
+        "defaults": (
+            f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
+            f"{'compiled' if resolved.compiled else 'not compiled'}, cnnlab's dropout masks"
+        ),
     }
     runs: list[dict] = []
     if args.resume and args.json and args.json.exists():
@@ -193,21 +231,27 @@ def main() -> None:
             splits = data.splits(seed)
             # Per-epoch validation changes nothing in training (no randomness, no state), so it runs
             # on the first 1,000 test images; the final test below is on the whole test split.
-            splits = replace(splits, val_images=splits.test_images[:1000], val_labels=splits.test_labels[:1000],
-                             val_is_test=False)
+            splits = replace(
+                splits, val_images=splits.test_images[:1000], val_labels=splits.test_labels[:1000], val_is_test=False
+            )
             for reference in (False, True):
                 if (model_name, seed, "reference" if reference else "defaults") in done:
                     continue
                 run = train_once(model_name, seed, recipe, splits, resolved, reference)
                 runs.append(run)
-                print(f"{model_name} seed {seed} {run['config']:9s} test acc {run['test_accuracy']:.4f} "
-                      f"({run['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"{model_name} seed {seed} {run['config']:9s} test acc {run['test_accuracy']:.4f} "
+                    f"({run['seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 meta["wall_minutes"] = meta.get("wall_minutes_before", 0.0) + (time.perf_counter() - started) / 60
                 if args.json:
                     args.json.parent.mkdir(parents=True, exist_ok=True)
                     tmp = args.json.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"meta": meta, "runs": runs,
-                                               "summary": summarise(runs, args.models)}, indent=1))
+                    tmp.write_text(
+                        json.dumps({"meta": meta, "runs": runs, "summary": summarise(runs, args.models)}, indent=1)
+                    )
                     tmp.replace(args.json)
     emit(markdown(summarise(runs, args.models), meta), args.append)
 

@@ -85,8 +85,16 @@ class Settings:
 
     @classmethod
     def quick_run(cls, models: list[str]) -> Settings:
-        return cls(models, rounds=3, steps_per_round=2, warmup_steps=2, eval_repeats=1, eval_images=2000,
-                   bf16_budget_seconds=2.0, quick=True)
+        return cls(
+            models,
+            rounds=3,
+            steps_per_round=2,
+            warmup_steps=2,
+            eval_repeats=1,
+            eval_images=2000,
+            bf16_budget_seconds=2.0,
+            quick=True,
+        )
 
 
 def log(message: str) -> None:
@@ -109,7 +117,7 @@ class BatchIndices:
         if self.position + BATCH > self.n:
             self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
         self.position += BATCH
-        return self.order[self.position - BATCH:self.position]
+        return self.order[self.position - BATCH : self.position]
 
 
 class TorchPeer:
@@ -128,11 +136,14 @@ class TorchPeer:
         return seconds
 
 
-def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor) -> Callable[[torch.Tensor], float]:
+def eager_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+) -> Callable[[torch.Tensor], float]:
     """The PyTorch peer's training step on a batch made from the uint8 images."""
+
     def step(index: torch.Tensor) -> float:
         return torch_peer.train_step(model, optimizer, torch_peer.to_input(images[index]), labels[index])
+
     return step
 
 
@@ -152,9 +163,15 @@ class KerasPeer:
         self.stderr_path = data_folder / "keras_peer.stderr.txt"
         self._stderr = self.stderr_path.open("w")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen([python, str(KERAS_PEER), str(data_folder), "--seed", str(seed)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                        text=True, bufsize=1, env=env)
+        self.process = subprocess.Popen(
+            [python, str(KERAS_PEER), str(data_folder), "--seed", str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         try:
@@ -228,13 +245,19 @@ def find_keras_python(requested: str | None) -> tuple[str | None, str]:
     if importlib.util.find_spec("tensorflow") is not None:  # `pip install -e .[bench]` in this venv
         candidates.append(sys.executable)
     for python in candidates:
-        check = subprocess.run([python, "-c", "import tensorflow, keras"], capture_output=True, text=True,
-                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        check = subprocess.run(
+            [python, "-c", "import tensorflow, keras"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
         if check.returncode == 0:
             return python, ""
     if not candidates:
-        return None, (f"Keras skipped: {DEFAULT_KERAS_PYTHON} is missing and TensorFlow is not installed here "
-                      "(pip install -e .[bench], or pass --keras-python)")
+        return None, (
+            f"Keras skipped: {DEFAULT_KERAS_PYTHON} is missing and TensorFlow is not installed here "
+            "(pip install -e .[bench], or pass --keras-python)"
+        )
     return None, f"Keras skipped: TensorFlow/Keras failed to import under {', '.join(candidates)}"
 
 
@@ -251,10 +274,15 @@ def cpu_description() -> dict:
                 flags = set(line.split(":", 1)[1].split())
                 break
     return {
-        "model": cpu_name(), "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx2": "avx2" in flags, "avx512": any(f.startswith("avx512") for f in flags),
-        "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags),
+        "model": cpu_name(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": "avx2" in flags,
+        "avx512": any(f.startswith("avx512") for f in flags),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": any(f.startswith("amx") for f in flags),
     }
 
 
@@ -277,7 +305,7 @@ def matmul_gflops(dtype: torch.dtype, n: int, budget_seconds: float, max_reps: i
         torch.mm(a, b)
         seconds.append(time.perf_counter() - started)
         spent += seconds[-1]
-    return 2 * n ** 3 / statistics.median(seconds) / 1e9, len(seconds)
+    return 2 * n**3 / statistics.median(seconds) / 1e9, len(seconds)
 
 
 def bf16_matmul_gflops(budget_seconds: float) -> tuple[float, int]:
@@ -304,9 +332,9 @@ def peak_rss_mib() -> float:
     except ImportError:  # Windows
         import psutil
 
-        return psutil.Process().memory_info().peak_wset / 2 ** 20
+        return psutil.Process().memory_info().peak_wset / 2**20
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,8 +367,9 @@ def build_cnnlab(name: str, data: DeviceData, seed: int) -> CnnlabModel:
     splits = data.splits(seed)
     torch.manual_seed(seed)
     model = new_model(load_spec(name), seed, hardware)
-    optimizer = KerasAdam(model.parameters(), lr=recipe.learning_rate, beta_1=recipe.beta_1,
-                          beta_2=recipe.beta_2, epsilon=recipe.epsilon)
+    optimizer = KerasAdam(
+        model.parameters(), lr=recipe.learning_rate, beta_1=recipe.beta_1, beta_2=recipe.beta_2, epsilon=recipe.epsilon
+    )
     model.train()
     step = build_train_step(model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size)
     return CnnlabModel(name, step, model, splits, hardware, recipe)
@@ -380,8 +409,16 @@ def rss_probe(name: str, data_dir: Path, seed: int) -> None:
 
 
 def measure_rss(name: str, data_dir: Path, seed: int) -> float | None:
-    command = [sys.executable, str(Path(__file__).resolve()), "--rss-probe", name, "--data-dir", str(data_dir),
-               "--seed", str(seed)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rss-probe",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--seed",
+        str(seed),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         log(f"  peak RSS probe for {name} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -397,17 +434,31 @@ def summary_of(seconds: list[float]) -> dict:
     if not seconds:
         return {}
     q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
-    return {"median_ms": statistics.median(seconds) * 1e3, "p25_ms": q[0] * 1e3, "p75_ms": q[2] * 1e3,
-            "min_ms": min(seconds) * 1e3, "max_ms": max(seconds) * 1e3, "n": len(seconds)}
+    return {
+        "median_ms": statistics.median(seconds) * 1e3,
+        "p25_ms": q[0] * 1e3,
+        "p75_ms": q[2] * 1e3,
+        "min_ms": min(seconds) * 1e3,
+        "max_ms": max(seconds) * 1e3,
+        "n": len(seconds),
+    }
 
 
 def run(settings: Settings, data_dir: Path) -> dict:
     results: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": shlex.join([sys.executable] + sys.argv),
-        "settings": asdict(settings), "machine": cpu_description(), "pressure_start": cpu_pressure(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "cnnlab": cnnlab.__version__},
-        "notes": [], "models": {},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": shlex.join([sys.executable] + sys.argv),
+        "settings": asdict(settings),
+        "machine": cpu_description(),
+        "pressure_start": cpu_pressure(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "cnnlab": cnnlab.__version__,
+        },
+        "notes": [],
+        "models": {},
     }
     started = time.perf_counter()
     machine = results["machine"]
@@ -427,8 +478,9 @@ def run(settings: Settings, data_dir: Path) -> dict:
     return results
 
 
-def start_keras(settings: Settings, images: torch.Tensor, labels: torch.Tensor, folder: Path,
-                results: dict) -> KerasPeer | None:
+def start_keras(
+    settings: Settings, images: torch.Tensor, labels: torch.Tensor, folder: Path, results: dict
+) -> KerasPeer | None:
     if not settings.keras:
         results["notes"].append("Keras not measured (--no-keras).")
         return None
@@ -450,13 +502,22 @@ def start_keras(settings: Settings, images: torch.Tensor, labels: torch.Tensor, 
         return None
     results["keras_peer"] = {"python": python, "start_seconds": time.perf_counter() - started, **peer.info}
     results["versions"].update(tensorflow=peer.info["tensorflow"], keras=peer.info["keras"])
-    log(f"  TensorFlow {peer.info['tensorflow']}, Keras {peer.info['keras']} "
-        f"(import {peer.info['import_seconds']:.1f} s)")
+    log(
+        f"  TensorFlow {peer.info['tensorflow']}, Keras {peer.info['keras']} "
+        f"(import {peer.info['import_seconds']:.1f} s)"
+    )
     return peer
 
 
-def measure(settings: Settings, data: DeviceData, train_images: torch.Tensor, train_labels: torch.Tensor,
-            keras_peer: KerasPeer | None, results: dict, data_dir: Path) -> None:
+def measure(
+    settings: Settings,
+    data: DeviceData,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    keras_peer: KerasPeer | None,
+    results: dict,
+    data_dir: Path,
+) -> None:
     """Matmul rates, warm-up, the interleaved rounds, evaluation time and peak RSS, into `results`."""
     fp32_start, _ = matmul_gflops(torch.float32, 2048, 2.0)
     bf16_rate, bf16_n = bf16_matmul_gflops(settings.bf16_budget_seconds)
@@ -464,9 +525,14 @@ def measure(settings: Settings, data: DeviceData, train_images: torch.Tensor, tr
     peers, cnnlab_models = build_peers(settings, data, train_images, train_labels, keras_peer, results)
     times, round_medians = interleave(settings, peers, results)
     fp32_end, _ = matmul_gflops(torch.float32, 2048, 2.0)
-    results["matmul"] = {"fp32_gflops_start": fp32_start, "fp32_gflops_end": fp32_end,
-                         "fp32_gflops": max(fp32_start, fp32_end), "fp32_size": 2048,
-                         "bf16_gflops": bf16_rate, "bf16_size": bf16_n}
+    results["matmul"] = {
+        "fp32_gflops_start": fp32_start,
+        "fp32_gflops_end": fp32_end,
+        "fp32_gflops": max(fp32_start, fp32_end),
+        "fp32_size": 2048,
+        "bf16_gflops": bf16_rate,
+        "bf16_size": bf16_n,
+    }
     for name in settings.models:
         entry = results["models"][name]
         for peer_name, seconds in times[name].items():
@@ -478,7 +544,8 @@ def measure(settings: Settings, data: DeviceData, train_images: torch.Tensor, tr
                 entry[f"speedup_vs_{peer_name}"] = statistics.median(times[name][peer_name]) / cnnlab_s
                 # The same ratio taken round by round: robust to the machine's load drifting.
                 entry[f"speedup_vs_{peer_name}_per_round_median"] = statistics.median(
-                    p / c for p, c in zip(round_medians[name][peer_name], round_medians[name]["cnnlab"]))
+                    p / c for p, c in zip(round_medians[name][peer_name], round_medians[name]["cnnlab"])
+                )
         gflops = entry["training_flops_per_sample"] * BATCH / cnnlab_s / 1e9
         entry["cnnlab_gflops"] = gflops
         entry["fraction_of_fp32_matmul"] = gflops / results["matmul"]["fp32_gflops"]
@@ -496,9 +563,14 @@ def measure(settings: Settings, data: DeviceData, train_images: torch.Tensor, tr
 Peer = TorchPeer | KerasModelPeer
 
 
-def build_peers(settings: Settings, data: DeviceData, train_images: torch.Tensor, train_labels: torch.Tensor,
-                keras_peer: KerasPeer | None, results: dict
-                ) -> tuple[dict[str, dict[str, Peer]], dict[str, CnnlabModel]]:
+def build_peers(
+    settings: Settings,
+    data: DeviceData,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    keras_peer: KerasPeer | None,
+    results: dict,
+) -> tuple[dict[str, dict[str, Peer]], dict[str, CnnlabModel]]:
     """Every model's peers, each warmed up (Keras: built, compiled and stepped) before any timing."""
     peers: dict[str, dict[str, Peer]] = {}
     cnnlab_models: dict[str, CnnlabModel] = {}
@@ -516,8 +588,9 @@ def build_peers(settings: Settings, data: DeviceData, train_images: torch.Tensor
         optimizer = torch_peer.make_optimizer(eager_model)
         peers[name] = {
             "cnnlab": TorchPeer(m.step, len(m.splits.train_images), settings.seed),
-            "eager": TorchPeer(eager_step(eager_model, optimizer, train_images, train_labels),
-                               len(train_images), settings.seed),
+            "eager": TorchPeer(
+                eager_step(eager_model, optimizer, train_images, train_labels), len(train_images), settings.seed
+            ),
         }
         for peer_name, peer in peers[name].items():
             started = time.perf_counter()
@@ -530,11 +603,14 @@ def build_peers(settings: Settings, data: DeviceData, train_images: torch.Tensor
                 started = time.perf_counter()
                 keras_model.time_steps(settings.warmup_steps)
                 entry["keras_build"] = {**built, "warmup_steps_seconds": time.perf_counter() - started}
-                entry["keras_warmup_seconds"] = (built["build_seconds"] + built["first_step_seconds"]
-                                                 + entry["keras_build"]["warmup_steps_seconds"])
+                entry["keras_warmup_seconds"] = (
+                    built["build_seconds"] + built["first_step_seconds"] + entry["keras_build"]["warmup_steps_seconds"]
+                )
                 peers[name]["keras"] = keras_model
-                log(f"{name}: Keras build {built['build_seconds']:.1f} s + first step (compile) "
-                    f"{built['first_step_seconds']:.1f} s")
+                log(
+                    f"{name}: Keras build {built['build_seconds']:.1f} s + first step (compile) "
+                    f"{built['first_step_seconds']:.1f} s"
+                )
             except KerasPeerError as exc:
                 results["notes"].append(f"Keras {name}: {exc}")
                 log(f"Keras {name} failed: {exc}")
@@ -542,18 +618,19 @@ def build_peers(settings: Settings, data: DeviceData, train_images: torch.Tensor
     return peers, cnnlab_models
 
 
-def interleave(settings: Settings, peers: dict[str, dict[str, Peer]], results: dict
-               ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
+def interleave(
+    settings: Settings, peers: dict[str, dict[str, Peer]], results: dict
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
     """The timed rounds: every peer of every model in turn, the order rotating; returns each peer's
     step times and its per-round medians."""
     times = {name: {peer: [] for peer in peers[name]} for name in settings.models}
     round_medians = {name: {peer: [] for peer in peers[name]} for name in settings.models}
     for r in range(settings.rounds):
         started = time.perf_counter()
-        models = settings.models[r % len(settings.models):] + settings.models[:r % len(settings.models)]
+        models = settings.models[r % len(settings.models) :] + settings.models[: r % len(settings.models)]
         for name in models:
             order = list(peers[name])
-            order = order[r % len(order):] + order[:r % len(order)]  # nobody always runs first
+            order = order[r % len(order) :] + order[: r % len(order)]  # nobody always runs first
             for peer_name in order:
                 try:
                     seconds = peers[name][peer_name].time_steps(settings.steps_per_round)
@@ -563,9 +640,14 @@ def interleave(settings: Settings, peers: dict[str, dict[str, Peer]], results: d
                     continue
                 times[name][peer_name].extend(seconds)
                 round_medians[name][peer_name].append(statistics.median(seconds))
-        log(f"round {r + 1}/{settings.rounds} ({time.perf_counter() - started:.1f} s): " + "; ".join(
-            f"{name} " + " ".join(f"{p} {1e3 * statistics.median(t):.0f}" for p, t in times[name].items() if t)
-            for name in settings.models) + " ms")
+        log(
+            f"round {r + 1}/{settings.rounds} ({time.perf_counter() - started:.1f} s): "
+            + "; ".join(
+                f"{name} " + " ".join(f"{p} {1e3 * statistics.median(t):.0f}" for p, t in times[name].items() if t)
+                for name in settings.models
+            )
+            + " ms"
+        )
     return times, round_medians
 
 
@@ -578,9 +660,11 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def markdown_table(results: dict) -> str:
-    header = ("| model | cnnlab ms/step | eager PyTorch ms/step | Keras ms/step | cnnlab/Keras speed-up | "
-              "cnnlab/eager speed-up | cnnlab GFLOP/s | % of fp32 matmul | % of bf16 matmul | "
-              "cnnlab s/epoch incl. validation | peak RSS |")
+    header = (
+        "| model | cnnlab ms/step | eager PyTorch ms/step | Keras ms/step | cnnlab/Keras speed-up | "
+        "cnnlab/eager speed-up | cnnlab GFLOP/s | % of fp32 matmul | % of bf16 matmul | "
+        "cnnlab s/epoch incl. validation | peak RSS |"
+    )
     rows = [header, "| --- " + "| ---: " * 10 + "|"]
     for name, e in results["models"].items():
         if "cnnlab" not in e:
@@ -591,7 +675,8 @@ def markdown_table(results: dict) -> str:
             f"{_fmt(e.get('speedup_vs_keras'), '.2f', 'x')} | {_fmt(e.get('speedup_vs_eager'), '.2f', 'x')} | "
             f"{e['cnnlab_gflops']:.1f} | {100 * e['fraction_of_fp32_matmul']:.0f}% | "
             f"{100 * e['fraction_of_bf16_matmul']:.0f}% | {e['epoch_seconds_with_validation']:.1f} | "
-            f"{_fmt(e.get('peak_rss_mib'), '.0f', ' MiB')} |")
+            f"{_fmt(e.get('peak_rss_mib'), '.0f', ' MiB')} |"
+        )
     return "\n".join(rows)
 
 
@@ -602,7 +687,8 @@ def markdown_entry(results: dict) -> str:
     quick = " (--quick: few steps, indicative only)" if s["quick"] else ""
     hardware = next(e["hardware"] for e in results["models"].values() if "hardware" in e)
     lines = [
-        f"## CPU training throughput, {results['date']}{quick}", "",
+        f"## CPU training throughput, {results['date']}{quick}",
+        "",
         f"- Machine: {m['model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
         f"torch threads {m['torch_threads']}; AVX2 {yes(m['avx2'])}, AVX-512 {yes(m['avx512'])} "
         f"(BF16 {yes(m['avx512_bf16'])}), AMX {yes(m['amx'])}; PyTorch CPU capability {m['torch_cpu_capability']}.",
@@ -625,21 +711,37 @@ def markdown_entry(results: dict) -> str:
         + (f" (timed on {s['eval_images']:,} and scaled)" if s["eval_images"] else "")
         + "; peak RSS: a separate cnnlab process per model (load data, train, evaluate a batch of 1000).",
     ]
-    spread = [f"{name} " + ", ".join(f"{peer} {e[peer]['p25_ms']:.0f}-{e[peer]['p75_ms']:.0f}"
-                                     for peer in PEERS if e.get(peer)) for name, e in results["models"].items()]
+    spread = [
+        f"{name} "
+        + ", ".join(f"{peer} {e[peer]['p25_ms']:.0f}-{e[peer]['p75_ms']:.0f}" for peer in PEERS if e.get(peer))
+        for name, e in results["models"].items()
+    ]
     lines.append(f"- Step-time interquartile ranges (ms): {'; '.join(spread)}.")
-    per_round = [f"{name} " + ", ".join(f"vs {peer} {e[f'speedup_vs_{peer}_per_round_median']:.2f}x"
-                                        for peer in ("keras", "eager") if f"speedup_vs_{peer}_per_round_median" in e)
-                 for name, e in results["models"].items()]
+    per_round = [
+        f"{name} "
+        + ", ".join(
+            f"vs {peer} {e[f'speedup_vs_{peer}_per_round_median']:.2f}x"
+            for peer in ("keras", "eager")
+            if f"speedup_vs_{peer}_per_round_median" in e
+        )
+        for name, e in results["models"].items()
+    ]
     lines.append(f"- Speed-ups as the median of each round's ratio (robust to load drifting): {'; '.join(per_round)}.")
     if not (m["avx512_bf16"] or m["amx"]):
-        lines.append("- This CPU has no bf16 hardware (no AVX512-BF16/AMX): bf16 is emulated, so cnnlab keeps "
-                     "fp32 and the % of bf16 matmul column exceeds 100%.")
-    keras = [f"{name} {e['keras_warmup_seconds']:.1f} s" for name, e in results["models"].items()
-             if "keras_warmup_seconds" in e]
+        lines.append(
+            "- This CPU has no bf16 hardware (no AVX512-BF16/AMX): bf16 is emulated, so cnnlab keeps "
+            "fp32 and the % of bf16 matmul column exceeds 100%."
+        )
+    keras = [
+        f"{name} {e['keras_warmup_seconds']:.1f} s"
+        for name, e in results["models"].items()
+        if "keras_warmup_seconds" in e
+    ]
     if keras:
-        lines.append(f"- Keras warm-up (build + compile + first steps, not in the table): {', '.join(keras)}; "
-                     f"TensorFlow import {results['keras_peer']['import_seconds']:.1f} s.")
+        lines.append(
+            f"- Keras warm-up (build + compile + first steps, not in the table): {', '.join(keras)}; "
+            f"TensorFlow import {results['keras_peer']['import_seconds']:.1f} s."
+        )
     lines += [f"- Note: {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n\n" + markdown_table(results) + "\n"
 
@@ -661,23 +763,32 @@ def append_entry(path: Path, entry: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                        help="folder with fashion-mnist/ IDX files")
-    parser.add_argument("--models", nargs="+", default=MODELS,
-                        help="seed models to measure (space or comma separated)")
-    parser.add_argument("--quick", action="store_true",
-                        help="about two minutes: 3 rounds x 2 steps, evaluation timed on 2,000 test images")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=REPO.parent / "shared" / "data", help="folder with fashion-mnist/ IDX files"
+    )
+    parser.add_argument("--models", nargs="+", default=MODELS, help="seed models to measure (space or comma separated)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="about two minutes: 3 rounds x 2 steps, evaluation timed on 2,000 test images",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 12, quick 3)")
-    parser.add_argument("--steps-per-round", type=int, default=None,
-                        help="timed steps per peer per round (default 5, quick 2)")
-    parser.add_argument("--warmup-steps", type=int, default=None,
-                        help="untimed steps per peer first (default 5, quick 2)")
+    parser.add_argument(
+        "--steps-per-round", type=int, default=None, help="timed steps per peer per round (default 5, quick 2)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed steps per peer first (default 5, quick 2)"
+    )
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras peer")
-    parser.add_argument("--keras-python", default=None,
-                        help=f"interpreter with TensorFlow for keras_peer.py (default {DEFAULT_KERAS_PYTHON}, "
-                             "else this one if it imports tensorflow)")
+    parser.add_argument(
+        "--keras-python",
+        default=None,
+        help=f"interpreter with TensorFlow for keras_peer.py (default {DEFAULT_KERAS_PYTHON}, "
+        "else this one if it imports tensorflow)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     parser.add_argument("--append", type=Path, default=None, help="append a dated Markdown entry to this file")

@@ -10,7 +10,7 @@ BENCHMARKS.md. Usage (data: a folder with fashion-mnist/ IDX files):
 
 cnnlab: its network (`engine.new_model`) and its training step (`engine.build_train_step`, where
 `--compile` may name a torch.compile mode to try instead of cnnlab's own settings), trained by
-training_loop.py, which is `engine.train`'s loop. The peer: peers/torch_peer.py, timed per step.
+`engine.train` itself (with `compile_mode=` for the mode comparison). The peer: peers/torch_peer.py, timed per step.
 `--cudnn-benchmark` turns on cuDNN's autotuning for the whole process (cnnlab leaves it off).
 
 Timing discipline: compile/warm-up time is reported separately from training time; training wall
@@ -32,11 +32,17 @@ import torch
 from cnnlab.catalog import load_spec
 from cnnlab.config import DataSelection, HardwareRequest, Recipe
 from cnnlab.datasets import load_dataset
-from cnnlab.engine import DeviceData, new_model
+from cnnlab.engine import DeviceData, train
 from cnnlab.hardware import resolve_hardware
 from cnnlab.models import summarize
 from peers import torch_peer
-from training_loop import synchronize, train_model
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, which runs synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 MODELS = ["convnet3", "convnet5", "convnet7"]
 
@@ -51,7 +57,7 @@ def eager_pytorch_epoch_seconds(name: str, images: torch.Tensor, labels: torch.T
     order = torch.randperm(len(images), device=device)
     timings = []
     for i in range(steps + 5):
-        index = order[(i * 128) % (len(images) - 128):][:128]
+        index = order[(i * 128) % (len(images) - 128) :][:128]
         data, target = torch_peer.to_input(images[index]), labels[index]
         synchronize(device)
         start = time.perf_counter()
@@ -77,14 +83,13 @@ def run_cnnlab(name: str, data: DeviceData, args, compile_setting: str) -> dict:
     device = torch.device(hardware.device)
     spec = load_spec(name)
     splits = data.splits(0)
-    build = lambda: new_model(spec, 0, hardware)  # noqa: E731
     started = time.perf_counter()
-    train_model(build, Recipe(epochs=1), 0, splits, hardware, compile_mode=mode)
+    train(spec, Recipe(epochs=1), 0, splits, hardware, compile_mode=mode)
     warm_seconds = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = train_model(build, Recipe(epochs=args.epochs), 0, splits, hardware, compile_mode=mode)
+    result = train(spec, Recipe(epochs=args.epochs), 0, splits, hardware, compile_mode=mode)
     synchronize(device)
     wall = time.perf_counter() - started
     epoch_seconds = [r.train_seconds + r.val_seconds for r in result.history]
@@ -93,12 +98,20 @@ def run_cnnlab(name: str, data: DeviceData, args, compile_setting: str) -> dict:
     train_seconds = sum(r.train_seconds for r in result.history)
     flops = summarize(spec).training_flops * len(splits.train_images) * args.epochs
     return dict(
-        precision=hardware.precision, compiled=hardware.compiled, compile_mode=mode,
-        cuda_graph=hardware.cuda_graph, cudnn_benchmark=torch.backends.cudnn.benchmark,
-        channels_last=hardware.channels_last, warmup_seconds=warm_seconds, wall_seconds=wall,
-        train_seconds=train_seconds, val_seconds=sum(r.val_seconds for r in result.history),
-        median_epoch_seconds=steady, first_epoch_seconds=epoch_seconds[0],
-        samples_per_second=result.history[-1].samples_per_second, test_accuracy=result.test.accuracy,
+        precision=hardware.precision,
+        compiled=hardware.compiled,
+        compile_mode=mode,
+        cuda_graph=hardware.cuda_graph,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        channels_last=hardware.channels_last,
+        warmup_seconds=warm_seconds,
+        wall_seconds=wall,
+        train_seconds=train_seconds,
+        val_seconds=sum(r.val_seconds for r in result.history),
+        median_epoch_seconds=steady,
+        first_epoch_seconds=epoch_seconds[0],
+        samples_per_second=result.history[-1].samples_per_second,
+        test_accuracy=result.test.accuracy,
         final_train_accuracy=result.history[-1].accuracy,
         max_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         tflops_per_second=flops / train_seconds / 1e12,
@@ -116,8 +129,11 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None, help="smoke tests only")
     parser.add_argument("--limit-test", type=int, default=None, help="smoke tests only")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its algorithms for each shape (cnnlab's default leaves it off)")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its algorithms for each shape (cnnlab's default leaves it off)",
+    )
     args = parser.parse_args()
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # a per-process switch: cnnlab itself leaves it off
@@ -126,16 +142,22 @@ def main() -> None:
     data = DeviceData(load_dataset(selection.dataset, data_dir=args.data_dir, progress=False), selection, device)
     results: dict = {
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke test)",
-        "torch": torch.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "models": {},
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "epochs": args.epochs,
+        "models": {},
     }
 
     def save() -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
     for name in MODELS:
-        results["models"][name] = {"eager_fp32_epoch_seconds": eager_pytorch_epoch_seconds(
-            name, data.train_images, data.train_labels, args.baseline_steps)}
+        results["models"][name] = {
+            "eager_fp32_epoch_seconds": eager_pytorch_epoch_seconds(
+                name, data.train_images, data.train_labels, args.baseline_steps
+            )
+        }
         print(name, results["models"][name], flush=True)
         save()
 
@@ -149,7 +171,9 @@ def main() -> None:
                 break
             except Exception as exc:  # noqa: BLE001 - recorded, then the fallback runs
                 entry[f"error_compile_{compile_setting}"] = f"{type(exc).__name__}: {exc}"[:2000]
-                print(name, "failed with compile", compile_setting, entry[f"error_compile_{compile_setting}"], flush=True)
+                print(
+                    name, "failed with compile", compile_setting, entry[f"error_compile_{compile_setting}"], flush=True
+                )
         if "median_epoch_seconds" in entry:
             entry["speedup_vs_eager"] = entry["eager_fp32_epoch_seconds"] / entry["median_epoch_seconds"]
         total_train += entry.get("wall_seconds", float("nan"))
@@ -157,16 +181,20 @@ def main() -> None:
         save()
     results["total_wall_seconds"] = total_train
     save()
-    print(f"\nWhole comparison ({len(MODELS)} models x {args.epochs} epochs x 60,000 images, validation each "
-          f"epoch): {total_train:.1f} s of training wall time on {results['gpu']}")
+    print(
+        f"\nWhole comparison ({len(MODELS)} models x {args.epochs} epochs x 60,000 images, validation each "
+        f"epoch): {total_train:.1f} s of training wall time on {results['gpu']}"
+    )
     print("| model | eager fp32 s/epoch | cnnlab s/epoch | speed-up | samples/s | TFLOP/s | test acc | warm-up s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, e in results["models"].items():
         if "median_epoch_seconds" not in e:
             continue
-        print(f"| {name} | {e['eager_fp32_epoch_seconds']:.2f} | {e['median_epoch_seconds']:.2f} | "
-              f"{e['speedup_vs_eager']:.1f}x | {e['samples_per_second']:,.0f} | {e['tflops_per_second']:.1f} | "
-              f"{e['test_accuracy']:.4f} | {e['warmup_seconds']:.0f} |")
+        print(
+            f"| {name} | {e['eager_fp32_epoch_seconds']:.2f} | {e['median_epoch_seconds']:.2f} | "
+            f"{e['speedup_vs_eager']:.1f}x | {e['samples_per_second']:,.0f} | {e['tflops_per_second']:.1f} | "
+            f"{e['test_accuracy']:.4f} | {e['warmup_seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

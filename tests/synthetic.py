@@ -1,4 +1,4 @@
-"""Writers of small IDX files and dataset folders for the tests (no real data needed)."""
+"""The tests' one source of synthetic data: small IDX files, dataset folders and learnable images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cnnlab.datasets import DATASETS, FILE_KEYS
 
@@ -59,6 +60,12 @@ def learnable_arrays(train: int = 512, test: int = 128, seed: int = 0) -> dict[s
         labels = rng.integers(0, 10, count, dtype=np.uint8)
         images = rng.integers(0, 40, (count, 28, 28), dtype=np.uint8)
         for i, label in enumerate(labels):
-            images[i, 2 * label:2 * label + 4, 4:24] = 255
+            images[i, 2 * label : 2 * label + 4, 4:24] = 255
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     return arrays
+
+
+def learnable_tensors(count: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` learnable images and their labels as tensors (uint8 images, int64 labels)."""
+    arrays = learnable_arrays(train=count, test=1, seed=seed)
+    return torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]).long()

@@ -4,31 +4,105 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
+import cnnlab
+from cnnlab import api
 from cnnlab.cli import main
-from idx_files import learnable_arrays, write_dataset_folder
+from cnnlab.config import DataSelection, HardwareRequest, Recipe
+from cnnlab_cli import cnnlab_command, run_cnnlab
+from synthetic import learnable_arrays, write_dataset_folder
 
 COMMANDS = ["models", "summary", "convert", "datasets", "train", "compare", "evaluate", "report"]
 
 
-def cnnlab(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the installed `cnnlab` console script exactly as a shell would."""
-    env = {k: v for k, v in os.environ.items() if k != "CNNLAB_DATA_DIR"}
-    return subprocess.run([str(Path(sys.executable).with_name("cnnlab")), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-def test_console_script_help():
-    result = cnnlab("--help")
+def test_console_script_help_and_version():
+    """The installed `cnnlab` script itself, exactly as a shell runs it."""
+    script = str(Path(sys.executable).with_name("cnnlab"))
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for command in COMMANDS:
         assert command in result.stdout
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"cnnlab {cnnlab.__version__}"
+
+
+class _Planned(Exception):
+    """Raised by the stand-in for `api.prepare`: the plan was made, nothing is trained."""
+
+
+@pytest.fixture()
+def captured_plan(monkeypatch):
+    """The plan the CLI hands to the library (`api.prepare`), captured before any data is loaded."""
+    plans = []
+    monkeypatch.delenv("CNNLAB_DATA_DIR", raising=False)
+
+    def prepare(plan, **kwargs):
+        plans.append((plan, kwargs))
+        raise _Planned
+
+    monkeypatch.setattr(api, "prepare", prepare)
+    return plans
+
+
+def test_cli_defaults_are_the_notebooks_recipe(captured_plan):
+    with pytest.raises(_Planned):
+        main(["compare"])
+    ((plan, kwargs),) = captured_plan
+    assert [arm.name for arm in plan.arms] == ["convnet3", "convnet5", "convnet7"]
+    assert {arm.recipe for arm in plan.arms} == {Recipe()}
+    assert plan.seeds == (0,) and plan.data == DataSelection() and plan.hardware_request == HardwareRequest()
+    assert kwargs["runs_dir"] == Path("runs") and kwargs["name"] == "compare"
+
+
+def test_cli_options_reach_the_plan_by_keyword(captured_plan, tmp_path):
+    with pytest.raises(_Planned):
+        main(
+            [
+                "train",
+                "convnet7",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "64",
+                "--lr",
+                "0.003",
+                "--seeds",
+                "2,5",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(tmp_path),
+                "--limit-train",
+                "100",
+                "--limit-test",
+                "50",
+                "--val-split",
+                "0.1",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--compile",
+                "off",
+                "--runs-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+    ((plan, kwargs),) = captured_plan
+    assert plan.arms[0].recipe == Recipe(epochs=3, batch_size=64, learning_rate=0.003)
+    assert plan.seeds == (2, 5)
+    assert plan.data == DataSelection("fashion-mnist", str(tmp_path), 100, 50, 0.1)
+    assert plan.hardware_request == HardwareRequest("cpu", "fp32", "off")
+    assert plan.hardware.precision == "fp32" and plan.hardware.device == "cpu"
+    assert kwargs["runs_dir"] == tmp_path / "r" and kwargs["name"] == "convnet7"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -83,8 +157,21 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_unknown_model_and_dataset(capsys, tmp_path):
     assert main(["train", "convnet9"]) == 2
     assert "unknown model 'convnet9'" in one_error_line(capsys)
-    assert main(["train", "convnet7", "--dataset", "cifar10", "--data-dir", str(tmp_path),
-                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "convnet7",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path),
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
     assert "cifar10" in one_error_line(capsys)
 
 
@@ -106,8 +193,7 @@ def test_unwritable_runs_dir(tmp_path, capsys):
     write_dataset_folder(data / "mnist", learnable_arrays(64, 32))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = main(["train", "convnet7", "--data-dir", str(data), "--runs-dir", str(blocker / "runs"),
-                 "--epochs", "1"])
+    code = main(["train", "convnet7", "--data-dir", str(data), "--runs-dir", str(blocker / "runs"), "--epochs", "1"])
     assert code == 2
     err = one_error_line(capsys)
     assert "cannot create a run folder" in err and "--runs-dir" in err
@@ -139,32 +225,59 @@ type = "Dense"
 units = 10
 activation = "softmax"
 """)
-    result = cnnlab("train", str(spec), "--data-dir", str(data), "--epochs", "3", "--lr", "0.01",
-                    "--runs-dir", str(tmp_path / "runs"), "--format", "svg", cwd=tmp_path)
+    result = run_cnnlab(
+        "train",
+        str(spec),
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--format",
+        "svg",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "checksums" in result.stderr  # generated files are not the canonical ones: one warning
     assert "small epoch 3/3" in result.stdout and "Test acc" in result.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.endswith("-small")
-    for name in ("config.toml", "environment.json", "comparison.md", "comparison.csv", "comparison.json",
-                 "loss_small.svg", "accuracy_small.svg", "curves_all.svg", "small/spec.toml",
-                 "small/seed-0/history.csv", "small/seed-0/history.json", "small/seed-0/metrics.json",
-                 "small/seed-0/weights.pt"):
+    for name in (
+        "config.toml",
+        "environment.json",
+        "comparison.md",
+        "comparison.csv",
+        "comparison.json",
+        "loss_small.svg",
+        "accuracy_small.svg",
+        "curves_all.svg",
+        "small/spec.toml",
+        "small/seed-0/history.csv",
+        "small/seed-0/history.json",
+        "small/seed-0/metrics.json",
+        "small/seed-0/weights.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.tmp")) and not (run_dir / "small/seed-0/checkpoint.pt").exists()
     metrics = json.loads((run_dir / "small/seed-0/metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.9 and metrics["epochs"] == 3
     config = tomllib.loads((run_dir / "config.toml").read_text())
-    assert config["train"]["epochs"] == 3 and config["models"] == ["small"]
+    assert config["format_version"] == 2 and config["arms"][0]["recipe"]["epochs"] == 3
+    assert [arm["name"] for arm in config["arms"]] == ["small"]
+    assert config["hardware"]["device"] == "cpu"  # the resolved hardware, recorded once for the run
+    assert json.loads((run_dir / "small/seed-0/status.json").read_text())["state"] == "finished"
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["torch"] and environment["torch_threads"] >= 1
 
-    evaluated = cnnlab("evaluate", str(run_dir), "--data-dir", str(data))
+    evaluated = run_cnnlab("evaluate", str(run_dir), "--data-dir", str(data))
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"{metrics['test_accuracy']:.4f}" in evaluated.stdout
 
     (run_dir / "comparison.md").unlink()
-    reported = cnnlab("report", str(run_dir), "--format", "svg")
+    reported = run_cnnlab("report", str(run_dir), "--format", "svg")
     assert reported.returncode == 0, reported.stderr
     assert (run_dir / "comparison.md").is_file()
 
@@ -188,28 +301,39 @@ def test_unsupported_keras_layer_is_named(tmp_path, capsys):
     assert str(path) in err and "LSTM" in err
 
 
-def test_ctrl_c_stops_cleanly_and_names_the_partial_run(tmp_path):
-    import signal
-    import time
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_name_the_partial_run(tmp_path, stop, code):
+    """Ctrl-C, or a scheduler's SIGTERM: the resume hint, the unit marked interrupted, nothing half-written.
 
+    The child starts with SIGINT at its default, whatever this test process inherited (a background
+    shell starts its jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
     data = tmp_path / "data"
     write_dataset_folder(data / "mnist", learnable_arrays(512, 64))
-    env = {k: v for k, v in os.environ.items() if k != "CNNLAB_DATA_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CNNLAB_DATA_DIR", "CNNLAB_DEBUG")}
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("cnnlab")), "train", "convnet7", "--data-dir", str(data), "--epochs", "200",
-         "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        cnnlab_command(
+            "train", "convnet7", "--data-dir", str(data), "--epochs", "200", "--runs-dir", str(tmp_path / "runs")
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while not list((tmp_path / "runs").glob("*/convnet7/seed-0/checkpoint.pt")):
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == code, err
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert f"The partial run is in {run_dir}" in err and f"--resume {run_dir}" in err
     assert "Traceback" not in err
     assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
     assert not (run_dir / "convnet7" / "seed-0" / "metrics.json").exists()
+    status = json.loads((run_dir / "convnet7" / "seed-0" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["epochs_done"] >= 1
 
 
 def test_a_keras_json_model_trains(tmp_path, capsys):
@@ -217,7 +341,10 @@ def test_a_keras_json_model_trains(tmp_path, capsys):
     data = tmp_path / "data"
     write_dataset_folder(data / "mnist", learnable_arrays(256, 64))
     source = Path(__file__).parent / "fixtures" / "keras" / "pooling_variants20_keras3.json"
-    assert main(["train", str(source), "--data-dir", str(data), "--epochs", "1", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (
+        main(["train", str(source), "--data-dir", str(data), "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
+        == 0
+    )
     assert list((tmp_path / "runs").glob("*/*/seed-0/metrics.json"))
 
 

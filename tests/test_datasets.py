@@ -37,8 +37,7 @@ from cnnlab.datasets import (
     read_idx,
 )
 from cnnlab.errors import DataError, DataWarning
-from idx_files import TEST_COUNT, TRAIN_COUNT, idx_bytes, tiny_split_arrays, write_dataset_folder, write_idx
-
+from synthetic import TEST_COUNT, TRAIN_COUNT, idx_bytes, tiny_split_arrays, write_dataset_folder, write_idx
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -407,7 +406,8 @@ def test_download_file_cleans_up_on_keyboard_interrupt(tmp_path, monkeypatch):
             return super().read(size)
 
     monkeypatch.setattr(
-        datasets.urllib.request, "urlopen",
+        datasets.urllib.request,
+        "urlopen",
         lambda request, timeout: InterruptedResponse(b"x" * 2_000_000),
     )
     dest = tmp_path / "file.gz"
@@ -420,9 +420,7 @@ def test_download_file_short_body(tmp_path, monkeypatch):
     class ShortResponse(io.BytesIO):
         headers = {"Content-Length": "100"}
 
-    monkeypatch.setattr(
-        datasets.urllib.request, "urlopen", lambda request, timeout: ShortResponse(b"x" * 60)
-    )
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda request, timeout: ShortResponse(b"x" * 60))
     with pytest.raises(DataError, match="ended early"):
         download_file("http://127.0.0.1:9/f.gz", tmp_path / "f.gz", "0" * 32, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnlab.catalog import load_spec
 from cnnlab.errors import SpecError
 from cnnlab.keras_json import spec_from_keras_json
-from cnnlab.models import build_model, resolve_model, summarize
-from cnnlab.spec import Activation, BatchNormalization, Conv2D, Dense, MaxPooling2D, load_spec, parse_spec, spec_to_dict
+from cnnlab.models import build_model, summarize
+from cnnlab.spec import Activation, BatchNormalization, Conv2D, Dense, MaxPooling2D, parse_spec, spec_to_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 EXPECTED = json.loads((FIXTURES / "expected_params.json").read_text())
@@ -42,10 +43,13 @@ def convert(data: dict):
 # Keras's numbers
 
 
-def test_fixture_set_covers_the_issue():
-    """The seed models in every layout, and Keras 2 and 3 files, are all there."""
+def test_fixture_set_covers_every_layout():
+    """The notebook's models in every layout, and Keras 2 and 3 files, are all there."""
     assert set(EXPECTED) == {p.name for p in FIXTURES.glob("*.json")} - {
-        "expected_params.json", "functional_rejected_keras3.json", "channels_first_rejected_keras3.json"}
+        "expected_params.json",
+        "functional_rejected_keras3.json",
+        "channels_first_rejected_keras3.json",
+    }
     for seed in ("seed_convnet3", "seed_convnet5", "seed_convnet7"):
         assert f"{seed}_keras3.json" in EXPECTED and f"{seed}_keras2.json" in EXPECTED
     assert len([name for name in EXPECTED if not name.startswith("seed_")]) >= 5
@@ -56,7 +60,10 @@ def test_parameter_totals_match_keras(name):
     expected = EXPECTED[name]
     summary = summarize(load_spec(FIXTURES / name))
     assert (summary.total_params, summary.trainable_params, summary.non_trainable_params) == (
-        expected["total"], expected["trainable"], expected["non_trainable"])
+        expected["total"],
+        expected["trainable"],
+        expected["non_trainable"],
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -66,7 +73,9 @@ def test_layers_match_keras_summary(name):
     spec = load_spec(FIXTURES / name)
     summary = summarize(spec)
     assert list(spec.input_shape) == expected["input_shape"]
-    assert [(row.name, row.layer_type, row.params, list(row.output_shape)) for row in summary.layers] == [tuple(layer) for layer in expected["layers"]]
+    assert [(row.name, row.layer_type, row.params, list(row.output_shape)) for row in summary.layers] == [
+        tuple(layer) for layer in expected["layers"]
+    ]
     assert spec.num_classes == expected["layers"][-1][3][-1]
 
 
@@ -74,7 +83,7 @@ def test_layers_match_keras_summary(name):
 def test_seed_models_import_as_the_builtin_specs(name):
     """The notebook's models, from any Keras version, are exactly cnnlab's built-in specs."""
     imported = load_spec(FIXTURES / name)
-    builtin = resolve_model(name.split("_")[1])
+    builtin = load_spec(name.split("_")[1])
     assert [dataclasses.replace(layer, name=None) for layer in imported.layers] == list(builtin.layers)
     assert (imported.input_shape, imported.num_classes) == (builtin.input_shape, builtin.num_classes)
 
@@ -89,10 +98,16 @@ def test_convolution_and_pooling_fields():
     assert layers[1] == Conv2D(24, (3, 3), strides=(2, 2), padding="valid", activation="relu", name="conv2d_1")
     assert layers[3] == Conv2D(32, (3, 5), strides=(1, 2), padding="same", activation="relu", name="conv2d_3")
     assert layers[4] == MaxPooling2D((3, 3), strides=(2, 2), padding="same", name="max_pooling2d")
-    pools = [layer for layer in load_spec(FIXTURES / "pooling_variants20_keras3.json").layers
-             if isinstance(layer, MaxPooling2D)]
+    pools = [
+        layer
+        for layer in load_spec(FIXTURES / "pooling_variants20_keras3.json").layers
+        if isinstance(layer, MaxPooling2D)
+    ]
     assert [(p.pool_size, p.strides, p.padding) for p in pools] == [
-        ((3, 3), (2, 2), "valid"), ((2, 2), (1, 1), "same"), ((2, 2), None, "same")]
+        ((3, 3), (2, 2), "valid"),
+        ((2, 2), (1, 1), "same"),
+        ((2, 2), None, "same"),
+    ]
 
 
 def test_bias_and_batchnorm_fields():
@@ -100,7 +115,11 @@ def test_bias_and_batchnorm_fields():
     assert [layer.use_bias for layer in layers if isinstance(layer, (Conv2D, Dense))] == [False] * 4 + [True]
     norms = [layer for layer in layers if isinstance(layer, BatchNormalization)]
     assert [(n.momentum, n.epsilon, n.center, n.scale) for n in norms] == [
-        (0.99, 1e-3, True, True), (0.9, 1e-5, True, True), (0.99, 1e-3, False, True), (0.99, 1e-3, True, False)]
+        (0.99, 1e-3, True, True),
+        (0.9, 1e-5, True, True),
+        (0.99, 1e-3, False, True),
+        (0.99, 1e-3, True, False),
+    ]
     # Keras 2 writes the axis as a list of positive indices: [3] after a convolution, [1] after a Dense.
     keras2 = fixture("batchnorm_rgb20_keras2.json")
     assert [keras_layer(keras2, i)["axis"] for i in (2, 9)] == [[3], [1]]
@@ -109,32 +128,60 @@ def test_bias_and_batchnorm_fields():
 
 def test_activations_and_initializers():
     layers = load_spec(FIXTURES / "activations_initializers_nonsquare_keras3.json").layers
-    assert [(l.activation, l.kernel_initializer, l.bias_initializer) for l in layers
-            if isinstance(l, (Conv2D, Dense))] == [
-        ("tanh", "lecun_normal", "zeros"), ("selu", "lecun_uniform", "ones"), ("gelu", "glorot_normal", "zeros"),
+    assert [
+        (layer.activation, layer.kernel_initializer, layer.bias_initializer)
+        for layer in layers
+        if isinstance(layer, (Conv2D, Dense))
+    ] == [
+        ("tanh", "lecun_normal", "zeros"),
+        ("selu", "lecun_uniform", "ones"),
+        ("gelu", "glorot_normal", "zeros"),
         ("silu", "he_uniform", "zeros"),  # Keras 3 writes swish as silu
         ("linear", "he_normal", "zeros"),  # VarianceScaling(2.0, fan_in, truncated_normal)
-        ("sigmoid", "glorot_uniform", "zeros"), ("elu", "he_normal", "zeros"),
+        ("sigmoid", "glorot_uniform", "zeros"),
+        ("elu", "he_normal", "zeros"),
         ("linear", "glorot_uniform", "zeros"),  # VarianceScaling(1.0, fan_avg, uniform)
     ]
-    assert [l.activation for l in layers if isinstance(l, Activation)] == ["softplus", "silu", "linear", "softmax"]
+    assert [layer.activation for layer in layers if isinstance(layer, Activation)] == [
+        "softplus",
+        "silu",
+        "linear",
+        "softmax",
+    ]
     # Keras 2.2's VarianceScaling(2.0, fan_in, 'normal') is he_normal; (1.0, fan_avg, uniform) glorot_uniform.
     keras224 = load_spec(FIXTURES / "seed_convnet3_keras224.json").layers
     assert (keras224[0].kernel_initializer, keras224[7].kernel_initializer) == ("glorot_uniform", "he_normal")
 
 
-@pytest.mark.parametrize("initializer, expected", [
-    ("he_normal", "he_normal"),
-    ({"class_name": "LecunUniform", "config": {"seed": 42}}, "lecun_uniform"),
-    ({"module": "keras.initializers", "class_name": "GlorotNormal", "config": {"seed": None},
-      "registered_name": None}, "glorot_normal"),
-    ({"class_name": "VarianceScaling", "config": {"scale": 1.0, "mode": "fan_in", "distribution": "truncated_normal",
-                                                  "seed": None}}, "lecun_normal"),
-    ({"class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_in", "distribution": "uniform"}},
-     "he_uniform"),
-    ({"class_name": "Constant", "config": {"value": 0}}, "zeros"),
-    ({"class_name": "Ones", "config": {"dtype": "float32"}}, "ones"),  # tf.keras 1.x adds the dtype
-])
+@pytest.mark.parametrize(
+    "initializer, expected",
+    [
+        ("he_normal", "he_normal"),
+        ({"class_name": "LecunUniform", "config": {"seed": 42}}, "lecun_uniform"),
+        (
+            {
+                "module": "keras.initializers",
+                "class_name": "GlorotNormal",
+                "config": {"seed": None},
+                "registered_name": None,
+            },
+            "glorot_normal",
+        ),
+        (
+            {
+                "class_name": "VarianceScaling",
+                "config": {"scale": 1.0, "mode": "fan_in", "distribution": "truncated_normal", "seed": None},
+            },
+            "lecun_normal",
+        ),
+        (
+            {"class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_in", "distribution": "uniform"}},
+            "he_uniform",
+        ),
+        ({"class_name": "Constant", "config": {"value": 0}}, "zeros"),
+        ({"class_name": "Ones", "config": {"dtype": "float32"}}, "ones"),  # tf.keras 1.x adds the dtype
+    ],
+)
 def test_initializer_forms(initializer, expected):
     data = fixture("seed_convnet3_keras3.json")
     keras_layer(data, 1)["kernel_initializer"] = initializer
@@ -181,8 +228,9 @@ def test_spec_round_trips():
     assert parse_spec(spec_to_dict(spec), default_name=spec.name) == spec
 
 
-@pytest.mark.parametrize("name", ["nobias_batchnorm_conv20_keras3.json", "batchnorm_rgb20_keras2.json",
-                                  "seed_convnet7_keras21_list.json"])
+@pytest.mark.parametrize(
+    "name", ["nobias_batchnorm_conv20_keras3.json", "batchnorm_rgb20_keras2.json", "seed_convnet7_keras21_list.json"]
+)
 def test_builds_and_runs_forward_and_backward(name):
     spec = load_spec(FIXTURES / name)
     model = build_model(spec, seed=0)
@@ -208,33 +256,54 @@ def rejection(data: dict) -> str:
     return message
 
 
-@pytest.mark.parametrize("index, field, value, reason", [
-    (1, "dilation_rate", [2, 2], "no dilated convolutions"),
-    (1, "groups", 2, "no grouped convolutions"),
-    (1, "data_format", "channels_first", "channels_last"),
-    (1, "kernel_regularizer", {"class_name": "L2", "config": {"l2": 0.01}}, "no weight or activity regularizers"),
-    (1, "bias_regularizer", {"class_name": "L2", "config": {"l2": 0.01}}, "no weight or activity regularizers"),
-    (1, "activity_regularizer", {"class_name": "L1", "config": {"l1": 0.01}}, "no weight or activity regularizers"),
-    (1, "kernel_constraint", {"class_name": "MaxNorm", "config": {"max_value": 2}}, "no weight constraints"),
-    (1, "activation", "leaky_relu", "activation \"leaky_relu\" is not supported"),
-    (1, "padding", "causal", "padding must be 'valid' or 'same'"),
-    (1, "kernel_initializer", {"class_name": "RandomNormal", "config": {"mean": 0, "stddev": 0.05}},
-     "initializer \"RandomNormal\" is not supported"),
-    (1, "kernel_initializer", {"class_name": "VarianceScaling",
-                               "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"}},
-     "none of cnnlab's initializers"),
-    (1, "kernel_initializer", {"class_name": "HeNormal", "config": {"seed": None, "input_axes": [0]}},
-     "input_axes"),
-    (1, "trainable", False, "frozen layer"),
-    (1, "dtype", {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"}},
-     "cnnlab models are float32"),
-    (1, "a_new_keras_field", 3, "unknown Conv2D field"),
-    (3, "noise_shape", [None, 1, 1, 64], "noise_shape"),
-    (5, "data_format", "channels_first", "channels_last"),
-    (5, "padding", "full", "padding must be"),
-    (10, "quantization_config", {"class_name": "Int8QuantizationConfig", "config": {}}, "quantized"),
-    (10, "kernel_constraint", {"class_name": "NonNeg", "config": {}}, "no weight constraints"),
-])
+@pytest.mark.parametrize(
+    "index, field, value, reason",
+    [
+        (1, "dilation_rate", [2, 2], "no dilated convolutions"),
+        (1, "groups", 2, "no grouped convolutions"),
+        (1, "data_format", "channels_first", "channels_last"),
+        (1, "kernel_regularizer", {"class_name": "L2", "config": {"l2": 0.01}}, "no weight or activity regularizers"),
+        (1, "bias_regularizer", {"class_name": "L2", "config": {"l2": 0.01}}, "no weight or activity regularizers"),
+        (1, "activity_regularizer", {"class_name": "L1", "config": {"l1": 0.01}}, "no weight or activity regularizers"),
+        (1, "kernel_constraint", {"class_name": "MaxNorm", "config": {"max_value": 2}}, "no weight constraints"),
+        (1, "activation", "leaky_relu", 'activation "leaky_relu" is not supported'),
+        (1, "padding", "causal", "padding must be 'valid' or 'same'"),
+        (
+            1,
+            "kernel_initializer",
+            {"class_name": "RandomNormal", "config": {"mean": 0, "stddev": 0.05}},
+            'initializer "RandomNormal" is not supported',
+        ),
+        (
+            1,
+            "kernel_initializer",
+            {
+                "class_name": "VarianceScaling",
+                "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"},
+            },
+            "none of cnnlab's initializers",
+        ),
+        (
+            1,
+            "kernel_initializer",
+            {"class_name": "HeNormal", "config": {"seed": None, "input_axes": [0]}},
+            "input_axes",
+        ),
+        (1, "trainable", False, "frozen layer"),
+        (
+            1,
+            "dtype",
+            {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"}},
+            "cnnlab models are float32",
+        ),
+        (1, "a_new_keras_field", 3, "unknown Conv2D field"),
+        (3, "noise_shape", [None, 1, 1, 64], "noise_shape"),
+        (5, "data_format", "channels_first", "channels_last"),
+        (5, "padding", "full", "padding must be"),
+        (10, "quantization_config", {"class_name": "Int8QuantizationConfig", "config": {}}, "quantized"),
+        (10, "kernel_constraint", {"class_name": "NonNeg", "config": {}}, "no weight constraints"),
+    ],
+)
 def test_unsupported_field_values(index, field, value, reason):
     data = fixture("seed_convnet3_keras3.json")
     config = keras_layer(data, index)
@@ -245,16 +314,19 @@ def test_unsupported_field_values(index, field, value, reason):
     assert reason in message
 
 
-@pytest.mark.parametrize("field, value, reason", [
-    ("axis", 1, "last (channel) axis"),
-    ("axis", [1, 2], "last (channel) axis"),
-    ("gamma_initializer", {"class_name": "RandomNormal", "config": {}}, "not supported"),
-    ("moving_variance_initializer", {"class_name": "Zeros", "config": {}}, "moving_variance at ones"),
-    ("beta_regularizer", {"class_name": "L2", "config": {"l2": 0.1}}, "regularizers"),
-    ("renorm", True, "renormalisation"),
-    ("synchronized", True, "synchronized"),
-    ("virtual_batch_size", 32, "virtual_batch_size"),
-])
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("axis", 1, "last (channel) axis"),
+        ("axis", [1, 2], "last (channel) axis"),
+        ("gamma_initializer", {"class_name": "RandomNormal", "config": {}}, "not supported"),
+        ("moving_variance_initializer", {"class_name": "Zeros", "config": {}}, "moving_variance at ones"),
+        ("beta_regularizer", {"class_name": "L2", "config": {"l2": 0.1}}, "regularizers"),
+        ("renorm", True, "renormalisation"),
+        ("synchronized", True, "synchronized"),
+        ("virtual_batch_size", 32, "virtual_batch_size"),
+    ],
+)
 def test_unsupported_batchnorm_values(field, value, reason):
     data = fixture("nobias_batchnorm_conv20_keras3.json")
     keras_layer(data, 2)[field] = value  # a BatchNormalization after a convolution
@@ -276,8 +348,10 @@ def test_unsupported_layer_types(keras_class):
     data = fixture("seed_convnet3_keras3.json")
     data["config"]["layers"][2]["class_name"] = keras_class
     message = rejection(data)
-    assert message.startswith(f"model.json, layer 2 ({keras_class} 'conv2d_1'), field 'class_name': "
-                              f"layer type {keras_class} is not supported; cnnlab imports Conv2D, MaxPooling2D")
+    assert message.startswith(
+        f"model.json, layer 2 ({keras_class} 'conv2d_1'), field 'class_name': "
+        f"layer type {keras_class} is not supported; cnnlab imports Conv2D, MaxPooling2D"
+    )
 
 
 def test_custom_layer_class_is_rejected():
@@ -290,19 +364,25 @@ def test_custom_layer_class_is_rejected():
 def test_functional_model_is_rejected():
     with pytest.raises(SpecError) as info:
         load_spec(FIXTURES / "functional_rejected_keras3.json")
-    assert str(info.value) == (f"{FIXTURES / 'functional_rejected_keras3.json'}: a Keras Functional model is not "
-                               "supported: only Sequential models; rebuild it as keras.Sequential")
+    assert str(info.value) == (
+        f"{FIXTURES / 'functional_rejected_keras3.json'}: a Keras functional model "
+        "(class_name 'Functional') is not supported: only Sequential models; rebuild it as "
+        "keras.Sequential"
+    )
     keras2 = fixture("seed_convnet3_keras2.json") | {"class_name": "Model"}  # Keras 2's name for it
-    assert rejection(keras2).endswith("a Keras Model model is not supported: only Sequential models; "
-                                      "rebuild it as keras.Sequential")
+    assert rejection(keras2).endswith(
+        "a Keras functional model (class_name 'Model') is not supported: only "
+        "Sequential models; rebuild it as keras.Sequential"
+    )
 
 
 def test_channels_first_model_is_rejected():
     path = FIXTURES / "channels_first_rejected_keras3.json"
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    assert str(info.value).startswith(f"{path}, layer 1 (Conv2D 'conv2d_1'), field 'data_format': "
-                                      "\"channels_first\" is not supported")
+    assert str(info.value).startswith(
+        f"{path}, layer 1 (Conv2D 'conv2d_1'), field 'data_format': \"channels_first\" is not supported"
+    )
 
 
 def test_model_without_an_input_shape_is_rejected():
@@ -328,7 +408,9 @@ def test_cnnlab_validation_still_applies():
     """An importable layer in an impossible place fails cnnlab's own checks, with the same layer index."""
     data = fixture("seed_convnet3_keras3.json")
     keras_layer(data, 2)["activation"] = "softmax"
-    assert "model.json, layer 2 (Conv2D), field 'activation': softmax is only supported as the output" in rejection(data)
+    assert "model.json, layer 2 (Conv2D), field 'activation': softmax is only supported as the output" in rejection(
+        data
+    )
     data = fixture("seed_convnet3_keras3.json")
     data["config"]["layers"].insert(9, copy.deepcopy(data["config"]["layers"][9]))  # a Dense after the Dense is fine
     data["config"]["layers"].insert(1, copy.deepcopy(data["config"]["layers"][7]))  # a Flatten first is not

@@ -7,31 +7,78 @@ import math
 import pytest
 import torch
 
-from cnnlab.models import KerasBatchNorm, build_model, builtin_models, keras_init_, resolve_model, summarize
+from cnnlab.catalog import builtin_models, load_spec
+from cnnlab.models import KerasBatchNorm, build_model, keras_init_, summarize
 from cnnlab.spec import BatchNormalization, parse_spec
 
-# (total, trainable, non-trainable) as Keras's model.summary() prints them in the seed notebook.
+# (total, trainable, non-trainable) as Keras's model.summary() prints them in the notebook.
 KERAS_TOTALS = {
     "convnet3": (4_060_426, 4_060_426, 0),
     "convnet5": (1_083_918, 1_083_406, 512),
     "convnet7": (379_014, 377_950, 1_064),
 }
 
-# Per-layer output shape and parameter count, copied from the seed notebook's summaries.
+# Per-layer output shape and parameter count, copied from the notebook's summaries.
 KERAS_LAYERS = {
-    "convnet3": [((26, 26, 32), 320), ((24, 24, 64), 18496), ((24, 24, 64), 0), ((22, 22, 128), 73856),
-                 ((11, 11, 128), 0), ((11, 11, 128), 0), ((15488,), 0), ((256,), 3965184), ((256,), 0),
-                 ((10,), 2570)],
-    "convnet5": [((28, 28, 32), 832), ((28, 28, 64), 51264), ((14, 14, 64), 0), ((14, 14, 64), 0),
-                 ((14, 14, 96), 153696), ((7, 7, 96), 0), ((7, 7, 96), 0), ((7, 7, 128), 307328),
-                 ((3, 3, 128), 0), ((3, 3, 128), 0), ((3, 3, 164), 524964), ((1, 1, 164), 0), ((1, 1, 164), 0),
-                 ((164,), 0), ((256,), 42240), ((256,), 1024), ((256,), 0), ((10,), 2570)],
-    "convnet7": [((28, 28, 16), 80), ((14, 14, 32), 2080), ((14, 14, 64), 8256), ((14, 14, 64), 0),
-                 ((14, 14, 96), 24672), ((7, 7, 96), 0), ((7, 7, 96), 0), ((7, 7, 128), 49280),
-                 ((3, 3, 128), 0), ((3, 3, 128), 0), ((3, 3, 164), 84132), ((3, 3, 164), 107748),
-                 ((1, 1, 164), 0), ((1, 1, 164), 0), ((164,), 0), ((256,), 42240), ((256,), 1024), ((256,), 0),
-                 ((148,), 38036), ((148,), 592), ((148,), 0), ((128,), 19072), ((128,), 512), ((128,), 0),
-                 ((10,), 1290)],
+    "convnet3": [
+        ((26, 26, 32), 320),
+        ((24, 24, 64), 18496),
+        ((24, 24, 64), 0),
+        ((22, 22, 128), 73856),
+        ((11, 11, 128), 0),
+        ((11, 11, 128), 0),
+        ((15488,), 0),
+        ((256,), 3965184),
+        ((256,), 0),
+        ((10,), 2570),
+    ],
+    "convnet5": [
+        ((28, 28, 32), 832),
+        ((28, 28, 64), 51264),
+        ((14, 14, 64), 0),
+        ((14, 14, 64), 0),
+        ((14, 14, 96), 153696),
+        ((7, 7, 96), 0),
+        ((7, 7, 96), 0),
+        ((7, 7, 128), 307328),
+        ((3, 3, 128), 0),
+        ((3, 3, 128), 0),
+        ((3, 3, 164), 524964),
+        ((1, 1, 164), 0),
+        ((1, 1, 164), 0),
+        ((164,), 0),
+        ((256,), 42240),
+        ((256,), 1024),
+        ((256,), 0),
+        ((10,), 2570),
+    ],
+    "convnet7": [
+        ((28, 28, 16), 80),
+        ((14, 14, 32), 2080),
+        ((14, 14, 64), 8256),
+        ((14, 14, 64), 0),
+        ((14, 14, 96), 24672),
+        ((7, 7, 96), 0),
+        ((7, 7, 96), 0),
+        ((7, 7, 128), 49280),
+        ((3, 3, 128), 0),
+        ((3, 3, 128), 0),
+        ((3, 3, 164), 84132),
+        ((3, 3, 164), 107748),
+        ((1, 1, 164), 0),
+        ((1, 1, 164), 0),
+        ((164,), 0),
+        ((256,), 42240),
+        ((256,), 1024),
+        ((256,), 0),
+        ((148,), 38036),
+        ((148,), 592),
+        ((148,), 0),
+        ((128,), 19072),
+        ((128,), 512),
+        ((128,), 0),
+        ((10,), 1290),
+    ],
 }
 
 
@@ -41,9 +88,9 @@ def test_zoo_has_the_seed_models():
 
 @pytest.mark.parametrize("name", builtin_models())
 def test_parameter_totals_match_keras(name):
-    summary = summarize(resolve_model(name))
+    summary = summarize(load_spec(name))
     assert (summary.total_params, summary.trainable_params, summary.non_trainable_params) == KERAS_TOTALS[name]
-    model = build_model(resolve_model(name))
+    model = build_model(load_spec(name))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers())
     assert (trainable + buffers, buffers) == (KERAS_TOTALS[name][0], KERAS_TOTALS[name][2])
@@ -51,13 +98,13 @@ def test_parameter_totals_match_keras(name):
 
 @pytest.mark.parametrize("name", builtin_models())
 def test_layer_shapes_and_params_match_keras(name):
-    summary = summarize(resolve_model(name))
+    summary = summarize(load_spec(name))
     assert [(row.output_shape, row.params) for row in summary.layers] == KERAS_LAYERS[name]
 
 
 @pytest.mark.parametrize("name", builtin_models())
 def test_forward_backward_shapes(name):
-    model = build_model(resolve_model(name), seed=0)
+    model = build_model(load_spec(name), seed=0)
     x = torch.rand(4, 1, 28, 28)
     logits = model(x)
     assert logits.shape == (4, 10)
@@ -73,7 +120,7 @@ def test_forward_backward_shapes(name):
 
 
 def test_summary_text_is_keras_style():
-    text = summarize(resolve_model("convnet5")).to_text()
+    text = summarize(load_spec("convnet5")).to_text()
     assert "conv2d_1 (Conv2D)" in text and "(None, 28, 28, 32)" in text
     assert "batch_normalization_1 (BatchNormalization)" in text
     assert "Total params: 1,083,918" in text and "Non-trainable params: 512" in text
@@ -82,14 +129,14 @@ def test_summary_text_is_keras_style():
 def test_flops_of_convnet3():
     # conv layers: 26*26*32*9*1 + 24*24*64*9*32 + 22*22*128*9*64 MACs, dense 15488*256 + 256*10 MACs
     macs = 26 * 26 * 32 * 9 + 24 * 24 * 64 * 9 * 32 + 22 * 22 * 128 * 9 * 64 + 15488 * 256 + 256 * 10
-    summary = summarize(resolve_model("convnet3"))
+    summary = summarize(load_spec("convnet3"))
     assert summary.forward_flops == 2 * macs
     assert summary.training_flops == 6 * macs
 
 
 def test_same_seed_same_weights_different_seed_different():
-    a, b, c = (build_model(resolve_model("convnet7"), seed=s) for s in (1, 1, 2))
-    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+    a, b, c = (build_model(load_spec("convnet7"), seed=s) for s in (1, 1, 2))
+    for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()) if pa.dim() > 1)
 
@@ -102,8 +149,13 @@ def test_same_padding_puts_the_extra_row_bottom_right_for_even_kernels():
     # A 2x2 kernel of ones over a single bright pixel in the top-left corner, stride 1, 'same':
     # TensorFlow pads 0 rows above/left and 1 below/right, so output[0, 0] sees the pixel and the
     # output is the same size. Padding top/left instead would move the response to output[1, 1].
-    spec = _spec([{"type": "Conv2D", "filters": 1, "kernel_size": 2, "padding": "same", "use_bias": False},
-                  {"type": "Flatten"}, {"type": "Dense", "units": 2}])
+    spec = _spec(
+        [
+            {"type": "Conv2D", "filters": 1, "kernel_size": 2, "padding": "same", "use_bias": False},
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 2},
+        ]
+    )
     model = build_model(spec)
     conv_block = model.layers[0]
     conv = conv_block[1]
@@ -122,8 +174,14 @@ def test_same_padding_puts_the_extra_row_bottom_right_for_even_kernels():
 
 
 def test_same_padding_with_stride_two_matches_tensorflow_sizes():
-    spec = _spec([{"type": "Conv2D", "filters": 3, "kernel_size": 3, "strides": 2, "padding": "same"},
-                  {"type": "Flatten"}, {"type": "Dense", "units": 2}], input_shape=(7, 8, 1))
+    spec = _spec(
+        [
+            {"type": "Conv2D", "filters": 3, "kernel_size": 3, "strides": 2, "padding": "same"},
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 2},
+        ],
+        input_shape=(7, 8, 1),
+    )
     assert spec.output_shapes()[0] == (4, 4, 3)
     assert build_model(spec).layers[0](torch.zeros(1, 1, 7, 8)).shape == (1, 3, 4, 4)
 
@@ -145,8 +203,14 @@ def test_batch_norm_uses_keras_constants():
 
 
 def test_batch_norm_center_and_scale_flags_change_parameters():
-    spec = _spec([{"type": "Flatten"}, {"type": "Dense", "units": 8},
-                  {"type": "BatchNormalization", "center": False, "scale": False}, {"type": "Dense", "units": 2}])
+    spec = _spec(
+        [
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 8},
+            {"type": "BatchNormalization", "center": False, "scale": False},
+            {"type": "Dense", "units": 2},
+        ]
+    )
     summary = summarize(spec)
     assert summary.layers[2].params == 16 and summary.layers[2].non_trainable == 16
 
@@ -161,7 +225,7 @@ def test_he_normal_is_keras_truncated_normal():
 
 
 def test_glorot_uniform_limit_and_zero_biases():
-    model = build_model(resolve_model("convnet3"), seed=0)
+    model = build_model(load_spec("convnet3"), seed=0)
     conv = model.layers[1][0]  # 3x3, 32 -> 64
     limit = math.sqrt(6 / (9 * 32 + 9 * 64))
     assert conv.weight.abs().max().item() <= limit
@@ -182,14 +246,18 @@ def test_dropout_is_inverted_and_only_in_training():
 
 
 def test_flatten_uses_keras_channel_last_order():
-    model = build_model(_spec([{"type": "Conv2D", "filters": 2, "kernel_size": 1}, {"type": "Flatten"},
-                               {"type": "Dense", "units": 2}], input_shape=(2, 2, 1)))
+    model = build_model(
+        _spec(
+            [{"type": "Conv2D", "filters": 2, "kernel_size": 1}, {"type": "Flatten"}, {"type": "Dense", "units": 2}],
+            input_shape=(2, 2, 1),
+        )
+    )
     x = torch.arange(8.0).reshape(1, 2, 2, 2)  # N, C, H, W
     assert model.layers[1](x).tolist() == [[0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]]
 
 
 def test_output_softmax_becomes_logits():
-    model = build_model(resolve_model("convnet7"), seed=0).eval()
+    model = build_model(load_spec("convnet7"), seed=0).eval()
     logits = model(torch.rand(3, 1, 28, 28))
     assert not torch.allclose(logits.sum(1), torch.ones(3))  # not probabilities
 
@@ -209,8 +277,13 @@ def test_fast_dropout_honours_odd_rates(rate):
 
 
 def test_glorot_bias_uses_keras_fans():
-    spec = _spec([{"type": "Flatten"}, {"type": "Dense", "units": 600, "bias_initializer": "glorot_uniform"},
-                  {"type": "Dense", "units": 2}])
+    spec = _spec(
+        [
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 600, "bias_initializer": "glorot_uniform"},
+            {"type": "Dense", "units": 2},
+        ]
+    )
     bias = build_model(spec, seed=0).layers[1].bias
     limit = math.sqrt(6 / (600 + 600))  # Keras: fan_in = fan_out = 600 for a bias
     assert bias.abs().max().item() <= limit and bias.abs().max().item() > 0.95 * limit

@@ -17,7 +17,7 @@ def keras_adam_reference(grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        alpha = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
         w -= alpha * m / (math.sqrt(v) + eps)
         out.append(w)
     return out

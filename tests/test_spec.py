@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from cnnlab.catalog import builtin_models, load_spec
 from cnnlab.errors import SpecError
-from cnnlab.models import builtin_models, resolve_model
-from cnnlab.spec import Conv2D, load_spec, parse_spec, spec_to_dict, spec_to_toml
+from cnnlab.spec import Conv2D, parse_spec, spec_to_dict, spec_to_toml
 
 GOOD = """
 name = "tiny"
@@ -56,7 +56,7 @@ def test_json_spec_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("name", builtin_models())
 def test_builtin_specs_round_trip(name):
-    spec = resolve_model(name)
+    spec = load_spec(name)
     again = parse_spec(spec_to_dict(spec), source="again")
     assert again == spec
     import tomllib
@@ -67,16 +67,28 @@ def test_builtin_specs_round_trip(name):
 BAD = [
     # (replacement of the Conv2D layer's lines, words the message must contain)
     ('type = "Conv3D"\nfilters = 8', ["layer 1", "field 'type'", "unknown layer type 'Conv3D'"]),
-    ('type = "Conv2D"\nfilters = 8\nkernel_size = 3\nfliters = 3', ["layer 1 (Conv2D)", "field 'fliters'", "unknown field"]),
+    (
+        'type = "Conv2D"\nfilters = 8\nkernel_size = 3\nfliters = 3',
+        ["layer 1 (Conv2D)", "field 'fliters'", "unknown field"],
+    ),
     ('type = "Conv2D"\nfilters = -8\nkernel_size = 3', ["layer 1 (Conv2D)", "field 'filters'", "positive integer"]),
     ('type = "Conv2D"\nfilters = 8\nkernel_size = 0', ["layer 1 (Conv2D)", "field 'kernel_size'", "positive"]),
-    ('type = "Conv2D"\nfilters = 8\nkernel_size = 29', ["layer 1 (Conv2D)", "field 'kernel_size'", "shrinks to nothing"]),
+    (
+        'type = "Conv2D"\nfilters = 8\nkernel_size = 29',
+        ["layer 1 (Conv2D)", "field 'kernel_size'", "shrinks to nothing"],
+    ),
     ('type = "Conv2D"\nfilters = 8\nkernel_size = 3\npadding = "full"', ["field 'padding'", "'valid' or 'same'"]),
-    ('type = "Conv2D"\nfilters = 8\nkernel_size = 3\nactivation = "relu6"', ["field 'activation'", "unknown activation"]),
+    (
+        'type = "Conv2D"\nfilters = 8\nkernel_size = 3\nactivation = "relu6"',
+        ["field 'activation'", "unknown activation"],
+    ),
     ('type = "Conv2D"\nfilters = 8', ["layer 1 (Conv2D)", "field 'kernel_size'", "required field missing"]),
     ('type = "Dropout"\nrate = 1.0', ["layer 1 (Dropout)", "field 'rate'", "[0, 1)"]),
     ('type = "Dropout"\nrate = -0.1', ["layer 1 (Dropout)", "field 'rate'", "[0, 1)"]),
-    ('type = "Conv2D"\nfilters = 8\nkernel_size = 3\nkernel_initializer = "orthogonal"', ["field 'kernel_initializer'"]),
+    (
+        'type = "Conv2D"\nfilters = 8\nkernel_size = 3\nkernel_initializer = "orthogonal"',
+        ["field 'kernel_initializer'"],
+    ),
 ]
 
 
@@ -117,21 +129,32 @@ def test_hidden_softmax_is_rejected(tmp_path):
 
 def test_output_must_be_softmax_or_linear(tmp_path):
     with pytest.raises(SpecError, match=r"layer 3 \(Dense\), field 'activation'.*'softmax'"):
-        load_spec(write(tmp_path, GOOD.replace('units = 10\nactivation = "softmax"', 'units = 10\nactivation = "relu"')))
+        load_spec(
+            write(tmp_path, GOOD.replace('units = 10\nactivation = "softmax"', 'units = 10\nactivation = "relu"'))
+        )
 
 
 def test_trailing_softmax_activation_layer_is_the_output(tmp_path):
-    text = GOOD.replace('units = 10\nactivation = "softmax"', 'units = 10') + '\n[[layers]]\ntype = "Activation"\nactivation = "softmax"\n'
+    text = (
+        GOOD.replace('units = 10\nactivation = "softmax"', "units = 10")
+        + '\n[[layers]]\ntype = "Activation"\nactivation = "softmax"\n'
+    )
     spec = load_spec(write(tmp_path, text))
     assert spec.output_shapes()[-1] == (10,)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("input_shape = [28, 28]\n[[layers]]\ntype = 'Flatten'", ["field 'input_shape'", "three positive integers"]),
-    ("input_shape = [28, 28, 1]\nlayers = []", ["field 'layers'", "non-empty"]),
-    ("input_shape = [28, 28, 1]\ncolour = 'red'\n[[layers]]\ntype = 'Flatten'", ["unknown top-level field 'colour'"]),
-    ("input_shape = [28, 28, 1\n", ["not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("input_shape = [28, 28]\n[[layers]]\ntype = 'Flatten'", ["field 'input_shape'", "three positive integers"]),
+        ("input_shape = [28, 28, 1]\nlayers = []", ["field 'layers'", "non-empty"]),
+        (
+            "input_shape = [28, 28, 1]\ncolour = 'red'\n[[layers]]\ntype = 'Flatten'",
+            ["unknown top-level field 'colour'"],
+        ),
+        ("input_shape = [28, 28, 1\n", ["not valid TOML"]),
+    ],
+)
 def test_bad_top_level(tmp_path, text, words):
     path = write(tmp_path, text)
     with pytest.raises(SpecError) as info:
@@ -145,4 +168,4 @@ def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "nope.toml")
     with pytest.raises(SpecError, match="unknown model 'convnet9'.*convnet3"):
-        resolve_model("convnet9")
+        load_spec("convnet9")

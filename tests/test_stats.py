@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from cnnlab.engine import EpochRecord
-from cnnlab.runs import UnitResult
-from cnnlab.stats import Comparison, aggregate, model_stats, pairwise, welch
-from cnnlab.tables import columns, table_rows
+from cnnlab.results import EpochRecord, UnitResult
+from cnnlab.stats import Comparison, aggregate, arm_stats, holm, pairwise, welch
+from cnnlab.tables import comparison_headers, comparison_rows
 
 A = [0.98, 0.99, 1.00]
 B = [0.95, 0.96, 0.97]
@@ -31,15 +30,33 @@ def t4_cdf(t: float) -> float:
     return 0.5 + math.copysign(0.5, t) * math.sqrt(x) * (1 + 0.5 * (1 - x))
 
 
-def unit(model: str, seed: int, accuracy: float, loss: float = 0.1, params: int = 1000) -> UnitResult:
+def unit(arm: str, seed: int, accuracy: float, loss: float = 0.1, params: int = 1000) -> UnitResult:
     history = [EpochRecord(1, 0.5, 0.9, loss, accuracy, 1.0, 0.1, 1000.0)]
-    metrics = {"model": model, "seed": seed, "epochs": 1, "train_accuracy": 0.9, "train_loss": 0.5,
-               "test_loss": loss, "test_accuracy": accuracy, "wall_seconds": 1.1 + seed, "train_seconds": 1.0,
-               "seconds_per_epoch": 1.1, "samples_per_second": 1000.0, "params": params,
-               "train_gflops_per_second": 2.0,
-               "hardware": {"device": "cpu", "device_name": "Test CPU", "precision": "fp32", "compiled": False,
-                            "channels_last": False, "threads": 2}}
-    return UnitResult(model, seed, history, metrics)
+    metrics = {
+        "arm": arm,
+        "model": arm,
+        "seed": seed,
+        "epochs": 1,
+        "train_accuracy": 0.9,
+        "train_loss": 0.5,
+        "test_loss": loss,
+        "test_accuracy": accuracy,
+        "wall_seconds": 1.1 + seed,
+        "train_seconds": 1.0,
+        "seconds_per_epoch": 1.1,
+        "samples_per_second": 1000.0,
+        "params": params,
+        "train_gflops_per_second": 2.0,
+        "hardware": {
+            "device": "cpu",
+            "device_name": "Test CPU",
+            "precision": "fp32",
+            "compiled": False,
+            "channels_last": False,
+            "threads": 2,
+        },
+    }
+    return UnitResult(arm, seed, history, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +83,7 @@ def test_aggregate_matches_scipy_interval() -> None:
 
 def test_aggregate_of_one_value_has_no_spread_or_interval() -> None:
     result = aggregate([0.9912])
-    assert (result.mean, result.std, result.n) == (0.9912, 0.0, 1)
+    assert (result.mean, result.n) == (0.9912, 1) and math.isnan(result.std)  # no spread, not 0.0
     assert math.isnan(result.ci_low) and math.isnan(result.ci_high)
     assert result.format() == "0.9912"
     assert result.format_ci() == ""
@@ -95,10 +112,11 @@ def test_welch_matches_hand_computation() -> None:
     assert c.p_value == pytest.approx(2 * (1 - t4_cdf(t)), rel=1e-9)
     assert c.p_value == pytest.approx(0.0213116, abs=1e-6)
     assert c.difference == pytest.approx(0.03, abs=1e-12)
-    assert (c.ci_low, c.ci_high) == pytest.approx((0.03 - T_975_DF4 * standard_error,
-                                                   0.03 + T_975_DF4 * standard_error), rel=1e-9)
+    assert (c.ci_low, c.ci_high) == pytest.approx(
+        (0.03 - T_975_DF4 * standard_error, 0.03 + T_975_DF4 * standard_error), rel=1e-9
+    )
     assert c.significant
-    assert c.sentence() == "a beats b by 3.00 pp (95% CI 0.73 to 5.27, p = 0.021, 3 seeds)"
+    assert c.sentence() == "a beats b by 3.00 pp (95% CI 0.73 to 5.27 unadjusted, p = 0.021, 3 seeds)"
 
 
 @pytest.mark.parametrize("n_a, n_b, seed", [(3, 3, 0), (5, 3, 1), (2, 8, 2), (10, 10, 3)])
@@ -114,13 +132,19 @@ def test_welch_matches_scipy(n_a: int, n_b: int, seed: int) -> None:
     assert (c.n_a, c.n_b) == (n_a, n_b)
 
 
-def test_welch_with_no_spread() -> None:
+def test_seeds_that_do_not_vary_allow_no_test() -> None:
+    """Identical scores on every seed say nothing about how much another seed would move them."""
     different = welch([0.99, 0.99], [0.98, 0.98], "a", "b")
-    assert different.p_value == 0.0 and different.significant
-    assert different.sentence() == "a beats b by 1.00 pp (95% CI 1.00 to 1.00, p < 0.001, 2 seeds)"
+    assert not different.testable and not different.significant and not different.seeds_vary
+    assert math.isnan(different.p_value) and math.isnan(different.ci_low)
+    assert different.sentence() == (
+        "a vs b: +1.00 pp in test accuracy; not tested (every seed of both gives the "
+        "same accuracy: the seeds do not vary, so no test is possible)"
+    )
     same = welch([0.99, 0.99], [0.99, 0.99], "a", "b")
-    assert same.p_value == 1.0 and not same.significant
-    assert same.sentence().startswith("a vs b: no significant difference (+0.00 pp")
+    assert not same.testable and "seeds do not vary" in same.sentence()
+    one_varies = welch([0.99, 0.99, 0.99], [0.97, 0.98, 0.96], "a", "b")
+    assert one_varies.testable  # one arm's spread is enough for Welch's test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,14 +154,16 @@ def test_welch_with_no_spread() -> None:
 def test_sentence_when_the_second_model_wins() -> None:
     c = welch(B, A, "convnet7", "convnet3")
     assert c.difference < 0 and c.significant
-    assert c.sentence() == "convnet3 beats convnet7 by 3.00 pp (95% CI 0.73 to 5.27, p = 0.021, 3 seeds)"
+    assert c.sentence() == "convnet3 beats convnet7 by 3.00 pp (95% CI 0.73 to 5.27 unadjusted, p = 0.021, 3 seeds)"
 
 
 def test_sentence_when_not_significant() -> None:
     c = welch([0.990, 0.992, 0.988], [0.989, 0.991, 0.990], "convnet3", "convnet5")
     assert c.testable and not c.significant
-    assert c.sentence() == (f"convnet3 vs convnet5: no significant difference (+0.00 pp, 95% CI "
-                            f"{c.ci_low * 100:.2f} to {c.ci_high * 100:.2f}, p = {c.p_value:.3f}, 3 seeds)")
+    assert c.sentence() == (
+        f"convnet3 vs convnet5: no significant difference (+0.00 pp, 95% CI "
+        f"{c.ci_low * 100:.2f} to {c.ci_high * 100:.2f} unadjusted, p = {c.p_value:.3f}, 3 seeds)"
+    )
 
 
 def test_sentence_with_unequal_seed_counts() -> None:
@@ -149,8 +175,9 @@ def test_sentence_when_not_testable_with_one_seed() -> None:
     c = welch([0.99], [0.98, 0.97], "convnet3", "convnet7")
     assert not c.testable and not c.significant
     assert math.isnan(c.p_value) and math.isnan(c.ci_low)
-    assert c.sentence() == ("convnet3 vs convnet7: +1.50 pp in test accuracy; "
-                            "not tested (needs at least 2 seeds per model, e.g. --seeds 3)")
+    assert c.sentence() == (
+        "convnet3 vs convnet7: +1.50 pp in test accuracy; not tested (needs at least 2 seeds per arm, e.g. --seeds 3)"
+    )
 
 
 def test_sentence_when_a_result_is_nan() -> None:
@@ -171,20 +198,20 @@ def test_comparison_p_value_threshold_is_strict() -> None:
 def test_model_stats_groups_by_model_in_order() -> None:
     units = [unit("convnet7", s, a) for s, a in enumerate([0.97, 0.98, 0.99])]
     units += [unit("convnet3", s, a, params=2000) for s, a in enumerate([0.99, 0.995])]
-    rows = model_stats(units)
-    assert [r.model for r in rows] == ["convnet7", "convnet3"]
+    rows = arm_stats(units)
+    assert [r.arm for r in rows] == ["convnet7", "convnet3"]
     assert rows[0].seeds == (0, 1, 2) and rows[1].params == 2000
     assert rows[0].test_accuracy.mean == pytest.approx(0.98)
     assert rows[0].wall_seconds == pytest.approx(2.1)  # the mean of 1.1, 2.1 and 3.1
-    assert "Test acc 95% CI" in columns(rows) and "Seeds" in columns(rows)
-    cells = dict(zip(columns(rows), table_rows(rows)[0]))
+    assert "Test acc 95% CI" in comparison_headers(rows) and "Seeds" in comparison_headers(rows)
+    cells = dict(zip(comparison_headers(rows), comparison_rows(rows)[0]))
     assert cells["Test acc"] == "0.9800 ± 0.0100" and cells["Seeds"] == "3"
 
 
 def test_table_hides_intervals_when_every_model_has_one_seed() -> None:
-    rows = model_stats([unit("a", 0, 0.9), unit("b", 0, 0.8)])
-    assert "Test acc 95% CI" not in columns(rows) and "Seeds" not in columns(rows)
-    assert len(table_rows(rows)[0]) == len(columns(rows))
+    rows = arm_stats([unit("a", 0, 0.9), unit("b", 0, 0.8)])
+    assert "Test acc 95% CI" not in comparison_headers(rows) and "Seeds" not in comparison_headers(rows)
+    assert len(comparison_rows(rows)[0]) == len(comparison_headers(rows))
 
 
 def test_pairwise_puts_the_better_model_first() -> None:
@@ -201,3 +228,50 @@ def test_pairwise_ranks_nan_models_last() -> None:
     assert [(c.a, c.b) for c in comparisons] == [("high", "low"), ("high", "diverged"), ("low", "diverged")]
     assert comparisons[0].significant
     assert all("NaN" in c.sentence() for c in comparisons[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The family of pairwise comparisons
+
+
+def test_holm_matches_its_definition() -> None:
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])  # monotone: never below an earlier step
+    assert holm([]) == []
+
+
+def test_pairwise_verdicts_use_holm_over_the_runs_family() -> None:
+    # Three arms: a beats b on its own (p = 0.021) but not after adjusting over three comparisons.
+    units = [unit("a", s, acc) for s, acc in enumerate(A)] + [unit("b", s, acc) for s, acc in enumerate(B)]
+    units += [unit("c", s, acc) for s, acc in enumerate([0.96, 0.99, 0.975])]
+    comparisons = {(c.a, c.b): c for c in pairwise(units)}
+    a_b = comparisons[("a", "b")]
+    assert a_b.family == 3 and a_b.p_value == pytest.approx(0.0213116, abs=1e-6)
+    raw = sorted(c.p_value for c in comparisons.values())
+    assert a_b.p_adjusted == pytest.approx(holm(raw)[raw.index(a_b.p_value)])
+    assert a_b.p_adjusted > 0.05 and not a_b.significant
+    assert "Holm-adjusted p = " in a_b.sentence() and "over 3 comparisons" in a_b.sentence()
+
+
+def test_untestable_pairs_are_not_part_of_the_family() -> None:
+    units = [unit("a", s, acc) for s, acc in enumerate(A)] + [unit("b", s, acc) for s, acc in enumerate(B)]
+    units += [unit("one-seed", 0, 0.5)]
+    comparisons = pairwise(units)
+    tested = [c for c in comparisons if c.testable]
+    assert len(tested) == 1 and tested[0].family == 1 and tested[0].p_adjusted == tested[0].p_value
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_three_equal_arms_give_a_false_verdict_at_most_5_percent_of_the_time(seeds) -> None:
+    """A seeded simulation: three arms with the same true accuracy and seed-to-seed spread; a run
+    with any "X beats Y" verdict is a false verdict. Holm keeps that rate at or below 5%."""
+    rng = np.random.default_rng(seeds)
+    trials = 2000  # without the adjustment the same simulation gives 6-11% (measured)
+    false_verdicts = 0
+    for _ in range(trials):
+        units = [
+            unit(arm, s, float(acc)) for arm in ("a", "b", "c") for s, acc in enumerate(rng.normal(0.99, 0.002, seeds))
+        ]
+        false_verdicts += any(c.significant for c in pairwise(units))
+    assert false_verdicts / trials <= 0.05

@@ -61,10 +61,10 @@ def build_convnet3() -> Sequential:
     convnet3 = Sequential()  # Initializing the model
 
     # First ConvNet
-    convnet3.add(Conv2D(32, kernel_size=(3, 3), activation='relu', input_shape=input_shape))
-    convnet3.add(Conv2D(64, kernel_size=(3, 3), activation='relu'))
+    convnet3.add(Conv2D(32, kernel_size=(3, 3), activation="relu", input_shape=input_shape))
+    convnet3.add(Conv2D(64, kernel_size=(3, 3), activation="relu"))
     convnet3.add(Dropout(0.25))
-    convnet3.add(Conv2D(128, kernel_size=(3, 3), activation='relu'))
+    convnet3.add(Conv2D(128, kernel_size=(3, 3), activation="relu"))
 
     # maxpooling by (2,2 ) ,dropout,flattening
     convnet3.add(MaxPooling2D(pool_size=(2, 2)))
@@ -72,9 +72,9 @@ def build_convnet3() -> Sequential:
     convnet3.add(Flatten())
 
     # hidden_layer
-    convnet3.add(Dense(256, activation='relu', kernel_initializer=he_normal(seed=None)))
+    convnet3.add(Dense(256, activation="relu", kernel_initializer=he_normal(seed=None)))
     convnet3.add(Dropout(0.5))
-    convnet3.add(Dense(num_classes, activation='softmax'))
+    convnet3.add(Dense(num_classes, activation="softmax"))
     return convnet3
 
 
@@ -82,35 +82,35 @@ def build_convnet5() -> Sequential:
     convnet5 = Sequential()  # Initializing the model
 
     # First ConvNet
-    convnet5.add(Conv2D(32, kernel_size=(5, 5), activation='relu', padding='same', input_shape=input_shape))
+    convnet5.add(Conv2D(32, kernel_size=(5, 5), activation="relu", padding="same", input_shape=input_shape))
 
     # Second ConvNet
-    convnet5.add(Conv2D(64, kernel_size=(5, 5), padding='same', activation='relu'))
+    convnet5.add(Conv2D(64, kernel_size=(5, 5), padding="same", activation="relu"))
     convnet5.add(MaxPooling2D(pool_size=(2, 2)))
     convnet5.add(Dropout(0.25))
 
     # Third ConvNet
-    convnet5.add(Conv2D(96, kernel_size=(5, 5), padding='same', activation='relu'))
+    convnet5.add(Conv2D(96, kernel_size=(5, 5), padding="same", activation="relu"))
     # maxpooling by (2,2) ,dropout,flattening
     convnet5.add(MaxPooling2D(pool_size=(2, 2)))
     convnet5.add(Dropout(0.25))
 
     # Fourth ConvNet
-    convnet5.add(Conv2D(128, kernel_size=(5, 5), padding='same', activation='relu'))
+    convnet5.add(Conv2D(128, kernel_size=(5, 5), padding="same", activation="relu"))
     convnet5.add(MaxPooling2D(pool_size=(2, 2)))
     convnet5.add(Dropout(0.25))
 
     # fifth Convnet
-    convnet5.add(Conv2D(164, kernel_size=(5, 5), padding='same', activation='relu'))
+    convnet5.add(Conv2D(164, kernel_size=(5, 5), padding="same", activation="relu"))
     convnet5.add(MaxPooling2D(pool_size=(2, 2)))
     convnet5.add(Dropout(0.25))
     convnet5.add(Flatten())
 
     # hidden_layer
-    convnet5.add(Dense(256, activation='relu', kernel_initializer=he_normal(seed=None)))
+    convnet5.add(Dense(256, activation="relu", kernel_initializer=he_normal(seed=None)))
     convnet5.add(BatchNormalization())
     convnet5.add(Dropout(0.5))
-    convnet5.add(Dense(num_classes, activation='softmax'))
+    convnet5.add(Dense(num_classes, activation="softmax"))
     return convnet5
 
 
@@ -118,48 +118,48 @@ def build_convnet7() -> Sequential:
     convnet7 = Sequential()  # Initializing the model
 
     # First ConvNet
-    convnet7.add(Conv2D(16, kernel_size=(2, 2), activation='relu', padding='same', input_shape=input_shape))
+    convnet7.add(Conv2D(16, kernel_size=(2, 2), activation="relu", padding="same", input_shape=input_shape))
 
     # Second Convnet
-    convnet7.add(Conv2D(32, kernel_size=(2, 2), padding='same', strides=(2, 2), activation='relu'))
+    convnet7.add(Conv2D(32, kernel_size=(2, 2), padding="same", strides=(2, 2), activation="relu"))
 
     # 3rd ConvNet
-    convnet7.add(Conv2D(64, kernel_size=(2, 2), padding='same', activation='relu'))
+    convnet7.add(Conv2D(64, kernel_size=(2, 2), padding="same", activation="relu"))
 
     # maxpooling by (2,2 ),dropout,flattening
     convnet7.add(Dropout(0.15))
 
     # fourth Convnet
-    convnet7.add(Conv2D(96, kernel_size=(2, 2), padding='same', activation='relu'))
+    convnet7.add(Conv2D(96, kernel_size=(2, 2), padding="same", activation="relu"))
     convnet7.add(MaxPooling2D(pool_size=(2, 2)))
     convnet7.add(Dropout(0.39))
 
     # fifth Convnet
-    convnet7.add(Conv2D(128, kernel_size=(2, 2), padding='same', activation='relu'))
+    convnet7.add(Conv2D(128, kernel_size=(2, 2), padding="same", activation="relu"))
     convnet7.add(MaxPooling2D(pool_size=(2, 2)))
     convnet7.add(Dropout(0.3))
 
     # sixth Convnet
-    convnet7.add(Conv2D(164, kernel_size=(2, 2), padding='same', activation='relu'))
+    convnet7.add(Conv2D(164, kernel_size=(2, 2), padding="same", activation="relu"))
 
     # seventh Convnet
-    convnet7.add(Conv2D(164, kernel_size=(2, 2), padding='same', activation='relu'))
+    convnet7.add(Conv2D(164, kernel_size=(2, 2), padding="same", activation="relu"))
 
     convnet7.add(MaxPooling2D(pool_size=(2, 2)))
     convnet7.add(Dropout(0.4))
     convnet7.add(Flatten())
 
     # hidden_layer
-    convnet7.add(Dense(256, activation='relu', kernel_initializer=he_normal(seed=None)))  # 1 hidden layer
+    convnet7.add(Dense(256, activation="relu", kernel_initializer=he_normal(seed=None)))  # 1 hidden layer
     convnet7.add(BatchNormalization())
     convnet7.add(Dropout(0.5))
-    convnet7.add(Dense(148, activation='relu', kernel_initializer=he_normal(seed=None)))  # 2 hidden layer
+    convnet7.add(Dense(148, activation="relu", kernel_initializer=he_normal(seed=None)))  # 2 hidden layer
     convnet7.add(BatchNormalization())
     convnet7.add(Dropout(0.5))
-    convnet7.add(Dense(128, activation='relu', kernel_initializer=he_normal(seed=None)))  # 3 hidden layer
+    convnet7.add(Dense(128, activation="relu", kernel_initializer=he_normal(seed=None)))  # 3 hidden layer
     convnet7.add(BatchNormalization())
     convnet7.add(Dropout(0.5))
-    convnet7.add(Dense(num_classes, activation='softmax'))
+    convnet7.add(Dense(num_classes, activation="softmax"))
     return convnet7
 
 
@@ -177,7 +177,7 @@ class Peer:
         images = np.load(os.path.join(folder, "train_images.npy"))
         labels = np.load(os.path.join(folder, "train_labels.npy"))
         # The notebook's preparation: (N, 28, 28, 1) float32 in [0, 1], one-hot labels.
-        self.x_train = images.reshape(images.shape[0], img_rows, img_cols, 1).astype('float32') / 255
+        self.x_train = images.reshape(images.shape[0], img_rows, img_cols, 1).astype("float32") / 255
         self.y_train = keras.utils.to_categorical(labels, num_classes)
         self.seed = seed
         self.models: dict[str, keras.Model] = {}
@@ -188,7 +188,7 @@ class Peer:
         rng, order, position = self.orders[name]
         if position + batch_size > len(order):
             order, position = rng.permutation(len(self.x_train)), 0
-        index = order[position:position + batch_size]
+        index = order[position : position + batch_size]
         self.orders[name] = (rng, order, position + batch_size)
         return self.x_train[index], self.y_train[index]
 
@@ -196,8 +196,9 @@ class Peer:
         keras.utils.set_random_seed(self.seed)
         started = time.perf_counter()
         model = BUILDERS[name]()
-        model.compile(optimizer=keras.optimizers.Adam(), loss=keras.losses.categorical_crossentropy,
-                      metrics=['accuracy'])
+        model.compile(
+            optimizer=keras.optimizers.Adam(), loss=keras.losses.categorical_crossentropy, metrics=["accuracy"]
+        )
         build_seconds = time.perf_counter() - started
         rng = np.random.default_rng(self.seed)
         self.orders[name] = (rng, rng.permutation(len(self.x_train)), 0)
@@ -206,8 +207,13 @@ class Peer:
         started = time.perf_counter()
         model.train_on_batch(x, y)  # traces and compiles the train function
         first_step_seconds = time.perf_counter() - started
-        return {"model": name, "params": int(model.count_params()), "build_seconds": build_seconds,
-                "first_step_seconds": first_step_seconds, "jit_compile": bool(getattr(model, "jit_compile", False))}
+        return {
+            "model": name,
+            "params": int(model.count_params()),
+            "build_seconds": build_seconds,
+            "first_step_seconds": first_step_seconds,
+            "jit_compile": bool(getattr(model, "jit_compile", False)),
+        }
 
     def time_steps(self, name: str, steps: int) -> dict:
         if name not in self.models:
@@ -236,11 +242,20 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the benchmark, which goes on without Keras
         reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         return
-    reply({"ok": True, "ready": True, "tensorflow": tf.__version__, "keras": keras.__version__,
-           "numpy": np.__version__, "python": sys.version.split()[0], "import_seconds": IMPORT_SECONDS,
-           "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-           "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-           "train_images": int(len(peer.x_train))})
+    reply(
+        {
+            "ok": True,
+            "ready": True,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+            "import_seconds": IMPORT_SECONDS,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "train_images": int(len(peer.x_train)),
+        }
+    )
     for line in sys.stdin:
         words = line.split()
         if not words:
@@ -253,8 +268,13 @@ def main() -> None:
             elif len(words) == 2 and words[0] in BUILDERS and words[1].isdigit():
                 reply({"ok": True, **peer.time_steps(words[0], int(words[1]))})
             else:
-                reply({"ok": False, "error": f"unknown request {line.strip()!r}; expected 'build NAME', "
-                                             f"'NAME STEPS' or 'quit' with NAME in {sorted(BUILDERS)}"})
+                reply(
+                    {
+                        "ok": False,
+                        "error": f"unknown request {line.strip()!r}; expected 'build NAME', "
+                        f"'NAME STEPS' or 'quit' with NAME in {sorted(BUILDERS)}",
+                    }
+                )
         except Exception as exc:  # noqa: BLE001 - one failed request must not kill the peer
             reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 

@@ -139,8 +139,7 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float() / 255
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
-               target: torch.Tensor) -> float:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, target: torch.Tensor) -> float:
     """pytorch/examples' training-loop body; `loss.item()` waits for the step to finish."""
     optimizer.zero_grad()
     output = model(data)

@@ -1,3 +1,7 @@
-"""cnnlab: train, evaluate and compare convolutional networks on MNIST-family datasets."""
+"""cnnlab: train, evaluate and compare convolutional networks on MNIST-family datasets.
 
-__version__ = "0.1.0"
+The Python API is in `cnnlab.api` (plan_run, run, resume, evaluate, report); configuration
+dataclasses are in `cnnlab.config`.
+"""
+
+__version__ = "0.2.0"

@@ -106,8 +106,16 @@ DATASETS: dict[str, DatasetInfo] = {
         name="fashion-mnist",
         title="Fashion-MNIST",
         classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
         ),
         files=dict(_STANDARD_FILES),
         md5={
@@ -210,9 +218,7 @@ def load_dataset(
         folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / info.name
         files = {key: _read_cached_file(info, key, folder, download, progress) for key in FILE_KEYS}
 
-    unverified = tuple(
-        path.name for key, (path, raw) in files.items() if _md5(raw) != info.md5[key]
-    )
+    unverified = tuple(path.name for key, (path, raw) in files.items() if _md5(raw) != info.md5[key])
     if unverified:
         uncompressed = any(not name.endswith(".gz") for name in unverified)
         note = " (the checksums are of the .gz files; uncompressed ones cannot match)"
@@ -284,9 +290,7 @@ def download_file(url: str, dest: Path, md5: str, progress: bool) -> None:
     try:
         request = urllib.request.Request(url, headers={"User-Agent": f"cnnlab/{__version__}"})
         with contextlib.ExitStack() as stack:
-            response = stack.enter_context(
-                urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S)
-            )
+            response = stack.enter_context(urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S))
             length_header = response.headers.get("Content-Length")
             has_length = bool(length_header) and length_header.isdigit()
             expected_bytes = int(length_header) if has_length else None
@@ -360,9 +364,7 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the path") from None
     except OSError as error:
-        raise DataError(
-            f"{path}: cannot be read ({error.strerror}); check that it is a readable file"
-        ) from error
+        raise DataError(f"{path}: cannot be read ({error.strerror}); check that it is a readable file") from error
 
 
 def _local_candidate(folder: Path, standard_name: str) -> Path | None:
@@ -390,9 +392,7 @@ def _read_local_files(info: DatasetInfo, data_dir: Path) -> dict[str, tuple[Path
     return {key: (path, _read_bytes(path)) for key, path in found.items()}
 
 
-def _read_cached_file(
-    info: DatasetInfo, key: str, folder: Path, download: bool, progress: bool
-) -> tuple[Path, bytes]:
+def _read_cached_file(info: DatasetInfo, key: str, folder: Path, download: bool, progress: bool) -> tuple[Path, bytes]:
     path = folder / info.files[key]
     if path.is_file():
         raw = _read_bytes(path)
@@ -430,9 +430,7 @@ def _download_from_mirrors(info: DatasetInfo, key: str, dest: Path, progress: bo
     )
 
 
-def _progress_bar(
-    stack: contextlib.ExitStack, label: str, total: int | None
-) -> Callable[[int], None]:
+def _progress_bar(stack: contextlib.ExitStack, label: str, total: int | None) -> Callable[[int], None]:
     """Start a rich download bar on stderr; return the function that advances it."""
     # Imported here: rich's progress machinery is only needed when a download happens.
     from rich.console import Console

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from cnnlab.spec import ACTIVATIONS, INITIALIZERS, ModelSpec, _Where, parse_spec
+from cnnlab.spec import ACTIVATIONS, INITIALIZERS, ModelSpec, SpecLocation, parse_spec
 
 # Keras class name -> cnnlab layer type. InputLayer is read for the input shape only.
 LAYER_CLASSES = {
@@ -85,8 +86,10 @@ def _is_keras_module(module: Any) -> bool:
 
 def _check_builtin(obj: dict, what: str) -> None:
     if not _is_keras_module(obj.get("module")):
-        raise _Reject(f"{what} from module {obj.get('module')!r} is a custom class, not Keras's own; "
-                      "cnnlab only imports Keras's built-in classes")
+        raise _Reject(
+            f"{what} from module {obj.get('module')!r} is a custom class, not Keras's own; "
+            "cnnlab only imports Keras's built-in classes"
+        )
     registered = obj.get("registered_name")
     if registered not in (None, obj.get("class_name"), "function"):
         raise _Reject(f"{what} is the custom class {registered!r}; cnnlab only imports Keras's built-in classes")
@@ -103,8 +106,10 @@ def _dtype_name(value: Any) -> Any:
 def _float32(value: Any) -> dict:
     name = _dtype_name(value)
     if name not in (None, "float32"):
-        raise _Reject(f"dtype {_show(name)} is not supported: cnnlab models are float32 (mixed precision is a "
-                      "training choice: cnnlab train --precision bf16); rebuild with the default dtype")
+        raise _Reject(
+            f"dtype {_show(name)} is not supported: cnnlab models are float32 (mixed precision is a "
+            "training choice: cnnlab train --precision bf16); rebuild with the default dtype"
+        )
     return {}
 
 
@@ -136,20 +141,33 @@ def _initializer(value: Any) -> str:
     config.pop("seed", None)  # seeds only pick the draw, not the distribution
     _float32(config.pop("dtype", None))  # tf.keras 1.x writes the initializer's dtype
     if name == "variance_scaling":
-        scale, mode, distribution = config.pop("scale", 1.0), config.pop("mode", "fan_in"), config.pop("distribution", "truncated_normal")
+        scale, mode, distribution = (
+            config.pop("scale", 1.0),
+            config.pop("mode", "fan_in"),
+            config.pop("distribution", "truncated_normal"),
+        )
         distribution = "truncated_normal" if distribution == "normal" else distribution
-        named = next((named for (s, m, d), named in VARIANCE_SCALING.items()
-                      if isinstance(scale, (int, float)) and math.isclose(scale, s) and (mode, distribution) == (m, d)),
-                     None)
+        named = next(
+            (
+                named
+                for (s, m, d), named in VARIANCE_SCALING.items()
+                if isinstance(scale, (int, float)) and math.isclose(scale, s) and (mode, distribution) == (m, d)
+            ),
+            None,
+        )
         if named is None:
-            raise _Reject(f"VarianceScaling(scale={_show(scale)}, mode={_show(mode)}, distribution={_show(distribution)}) "
-                          "is none of cnnlab's initializers (glorot, he or lecun; uniform or truncated normal)")
+            raise _Reject(
+                f"VarianceScaling(scale={_show(scale)}, mode={_show(mode)}, distribution={_show(distribution)}) "
+                "is none of cnnlab's initializers (glorot, he or lecun; uniform or truncated normal)"
+            )
         name = named
     elif name == "constant" and config.get("value") in (0, 1) and not isinstance(config.get("value"), bool):
         name = "zeros" if config.pop("value") == 0 else "ones"
     if name not in INITIALIZERS:
-        raise _Reject(f"initializer {_show(value.get('class_name') if isinstance(value, dict) else value)} is not "
-                      f"supported; cnnlab supports: {', '.join(INITIALIZERS)}")
+        raise _Reject(
+            f"initializer {_show(value.get('class_name') if isinstance(value, dict) else value)} is not "
+            f"supported; cnnlab supports: {', '.join(INITIALIZERS)}"
+        )
     for key, extra in config.items():  # e.g. Keras 3.15's input_axes/output_axes, which change the fans
         if extra is not None:
             raise _Reject(f"initializer {name} with {key} = {_show(extra)} is not supported; only the default")
@@ -199,13 +217,17 @@ def _padding(value: Any) -> str:
 
 def _trainable(value: Any) -> dict:
     if value is not True and value is not None:
-        raise _Reject(f"{_show(value)} is not supported: a frozen layer changes which parameters train and "
-                      "cnnlab trains every layer; set trainable=True")
+        raise _Reject(
+            f"{_show(value)} is not supported: a frozen layer changes which parameters train and "
+            "cnnlab trains every layer; set trainable=True"
+        )
     return {}
 
 
-_CHANNELS_LAST = _require(lambda v: v in (None, "channels_last"),
-                          "cnnlab is channels_last (height, width, channels) only; rebuild with data_format='channels_last'")
+_CHANNELS_LAST = _require(
+    lambda v: v in (None, "channels_last"),
+    "cnnlab is channels_last (height, width, channels) only; rebuild with data_format='channels_last'",
+)
 _REGULARIZER = _null("weight or activity regularizers")
 _CONSTRAINT = _null("weight constraints")
 
@@ -293,8 +315,12 @@ FIELDS: dict[str, dict[str, Handler]] = {
 }
 
 # BatchNormalization initializers cnnlab's layer uses: beta 0, gamma 1, moving mean 0, moving variance 1.
-BATCHNORM_INITIALIZERS = {"beta_initializer": "zeros", "gamma_initializer": "ones",
-                          "moving_mean_initializer": "zeros", "moving_variance_initializer": "ones"}
+BATCHNORM_INITIALIZERS = {
+    "beta_initializer": "zeros",
+    "gamma_initializer": "ones",
+    "moving_mean_initializer": "zeros",
+    "moving_variance_initializer": "ones",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,14 +329,16 @@ BATCHNORM_INITIALIZERS = {"beta_initializer": "zeros", "gamma_initializer": "one
 
 def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpec:
     """A `ModelSpec` from the parsed JSON of Keras's `model.to_json()` (Keras 2 or 3, Sequential)."""
-    where = _Where(source)
+    where = SpecLocation(source)
     class_name = data.get("class_name")
     version = data.get("keras_version")
     if isinstance(version, str) and version.startswith("1."):
-        raise where.error(f"Keras {version} JSON is not supported (Keras 1 layer arguments); load the model in "
-                          "Keras 2 or 3 and save it again with model.to_json()")
+        raise where.error(
+            f"Keras {version} JSON is not supported (Keras 1 layer arguments); load the model in "
+            "Keras 2 or 3 and save it again with model.to_json()"
+        )
     if class_name in ("Functional", "Model"):
-        raise where.error(f"a Keras {class_name} model is {NOT_SEQUENTIAL}")
+        raise where.error(f"a Keras functional model (class_name {class_name!r}) is {NOT_SEQUENTIAL}")
     if not _is_keras_module(data.get("module")):
         raise where.error(f"the custom model class {class_name!r} from module {data['module']!r} is {NOT_SEQUENTIAL}")
     if class_name != "Sequential":
@@ -330,8 +358,12 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
     layers = []
     rank = 4  # of the current activation, with the batch axis: 4 until a Flatten, then 2
     for raw in config["layers"]:
-        if not isinstance(raw, dict) or not isinstance(raw.get("class_name"), str) or not isinstance(raw.get("config"), dict):
-            raise where.error("each layer must be {\"class_name\": ..., \"config\": {...}}", len(layers) + 1)
+        if (
+            not isinstance(raw, dict)
+            or not isinstance(raw.get("class_name"), str)
+            or not isinstance(raw.get("config"), dict)
+        ):
+            raise where.error('each layer must be {"class_name": ..., "config": {...}}', len(layers) + 1)
         keras_class, layer_config = raw["class_name"], raw["config"]
         label = f"{keras_class} '{layer_config.get('name', raw.get('name', '?'))}'"
         if keras_class == "InputLayer":
@@ -348,8 +380,9 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
             raise where.error(str(exc), index, label, "class_name") from None
         layer_type = LAYER_CLASSES.get(keras_class)
         if layer_type is None:
-            raise where.error(f"layer type {keras_class} is not supported; cnnlab imports {SUPPORTED}",
-                              index, label, "class_name")
+            raise where.error(
+                f"layer type {keras_class} is not supported; cnnlab imports {SUPPORTED}", index, label, "class_name"
+            )
         layer = _convert_layer(layer_type, layer_config, rank, where, index, label)
         rank = 2 if layer_type == "Flatten" else rank
         layers.append(layer)
@@ -362,24 +395,37 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
                 input_shape = _shape(container[key], where, None, None, key)
                 break
     if input_shape is None:
-        raise where.error("the model has no input shape; give it one in Keras with keras.Input(shape=(28, 28, 1)) "
-                          "as the first layer, then save it again", field_name="batch_shape")
+        raise where.error(
+            "the model has no input shape; give it one in Keras with keras.Input(shape=(28, 28, 1)) "
+            "as the first layer, then save it again",
+            field_name="batch_shape",
+        )
 
     keras_name = config.get("name")
-    name = keras_name if isinstance(keras_name, str) and not re.fullmatch(r"sequential(_\d+)?", keras_name) else default_name
+    name = (
+        keras_name
+        if isinstance(keras_name, str) and not re.fullmatch(r"sequential(_\d+)?", keras_name)
+        else default_name
+    )
     made_by = f"Keras {version}" if isinstance(version, str) else ("Keras 3" if "module" in data else "Keras")
-    spec_data = {"name": name or default_name, "description": f"imported from {made_by} JSON",
-                 "input_shape": input_shape, "layers": layers}
+    spec_data = {
+        "name": name or default_name,
+        "description": f"imported from {made_by} JSON",
+        "input_shape": input_shape,
+        "layers": layers,
+    }
     return parse_spec(spec_data, source=source, default_name=default_name)
 
 
-def _input_shape(config: dict, where: _Where, index: int, label: str, input_layer: bool) -> list[int] | None:
+def _input_shape(config: dict, where: SpecLocation, index: int, label: str, input_layer: bool) -> list[int] | None:
     """(height, width, channels) from an InputLayer's or first layer's batch shape; None if it has none."""
     if input_layer:
-        for key, check in (("dtype", _float32),
-                           ("sparse", _require(lambda v: not v, "cnnlab inputs are dense images")),
-                           ("ragged", _require(lambda v: not v, "cnnlab inputs are dense images")),
-                           ("optional", _require(lambda v: not v, "the input is required"))):
+        for key, check in (
+            ("dtype", _float32),
+            ("sparse", _require(lambda v: not v, "cnnlab inputs are dense images")),
+            ("ragged", _require(lambda v: not v, "cnnlab inputs are dense images")),
+            ("optional", _require(lambda v: not v, "the input is required")),
+        ):
             try:
                 check(config.get(key))
             except _Reject as exc:
@@ -388,22 +434,35 @@ def _input_shape(config: dict, where: _Where, index: int, label: str, input_laye
         if config.get(key) is not None:
             return _shape(config[key], where, index, label, key)
     if config.get("input_dim") is not None:
-        raise where.error(f"a flat input of {config['input_dim']} features is not supported: cnnlab models take "
-                          "images (height, width, channels)", index, label, "input_dim")
+        raise where.error(
+            f"a flat input of {config['input_dim']} features is not supported: cnnlab models take "
+            "images (height, width, channels)",
+            index,
+            label,
+            "input_dim",
+        )
     if input_layer:
         raise where.error("the InputLayer has no batch_shape", index, label, "batch_shape")
     return None
 
 
-def _shape(value: Any, where: _Where, index: int | None, label: str | None, key: str) -> list[int]:
-    if (not isinstance(value, list) or len(value) != 4
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value[1:])):
-        raise where.error(f"{_show(value)} is not supported: cnnlab models take a batch of images "
-                          "(None, height, width, channels) with fixed sizes", index, label, key)
+def _shape(value: Any, where: SpecLocation, index: int | None, label: str | None, key: str) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value[1:])
+    ):
+        raise where.error(
+            f"{_show(value)} is not supported: cnnlab models take a batch of images "
+            "(None, height, width, channels) with fixed sizes",
+            index,
+            label,
+            key,
+        )
     return list(value[1:])
 
 
-def _convert_layer(layer_type: str, config: dict, rank: int, where: _Where, index: int, label: str) -> dict:
+def _convert_layer(layer_type: str, config: dict, rank: int, where: SpecLocation, index: int, label: str) -> dict:
     """One Keras layer config as a cnnlab layer table; every key handled or rejected."""
     handlers = {**COMMON, **FIELDS[layer_type]}
     use_bias = config.get("use_bias", True)
@@ -416,8 +475,10 @@ def _convert_layer(layer_type: str, config: dict, rank: int, where: _Where, inde
             if handler is None:
                 if value is None:
                     continue  # a feature Keras added later, switched off
-                raise _Reject(f"unknown {layer_type} field (value {_show(value)}); cnnlab cannot tell whether it "
-                              "changes the model, so it does not import it")
+                raise _Reject(
+                    f"unknown {layer_type} field (value {_show(value)}); cnnlab cannot tell whether it "
+                    "changes the model, so it does not import it"
+                )
             layer.update(handler(value))
             if layer_type == "BatchNormalization":
                 _check_batchnorm(key, value, config, rank)
@@ -436,10 +497,14 @@ def _check_batchnorm(key: str, value: Any, config: dict, rank: int) -> None:
     if key == "axis":
         axes = value if isinstance(value, list) else [value]
         if len(axes) != 1 or axes[0] not in (-1, rank - 1):
-            raise _Reject(f"{_show(value)} is not supported: cnnlab normalises over the last (channel) axis only; "
-                          f"use axis=-1 (here also {rank - 1}) with channels_last inputs")
+            raise _Reject(
+                f"{_show(value)} is not supported: cnnlab normalises over the last (channel) axis only; "
+                f"use axis=-1 (here also {rank - 1}) with channels_last inputs"
+            )
     elif key in BATCHNORM_INITIALIZERS:
         applies = {"beta_initializer": config.get("center", True), "gamma_initializer": config.get("scale", True)}
         if applies.get(key, True) and _initializer(value) != BATCHNORM_INITIALIZERS[key]:
-            raise _Reject(f"{_show(value)} is not supported: cnnlab starts {key.removesuffix('_initializer')} at "
-                          f"{BATCHNORM_INITIALIZERS[key]}; use Keras's default")
+            raise _Reject(
+                f"{_show(value)} is not supported: cnnlab starts {key.removesuffix('_initializer')} at "
+                f"{BATCHNORM_INITIALIZERS[key]}; use Keras's default"
+            )

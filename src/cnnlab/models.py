@@ -17,48 +17,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from cnnlab.errors import SpecError
 from cnnlab.spec import (
-    Activation, BatchNormalization, Conv2D, Dense, Dropout, Flatten, LayerSpec, MaxPooling2D, ModelSpec,
-    classifier_head, load_spec, parse_spec, same_padding,
+    Activation,
+    BatchNormalization,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    LayerSpec,
+    MaxPooling2D,
+    ModelSpec,
+    classifier_head,
+    same_padding,
 )
-
-# ---------------------------------------------------------------------------------------------
-# The zoo: built-in models are spec files shipped in cnnlab/zoo, never Python definitions.
-
-
-def builtin_models() -> list[str]:
-    """Names of the built-in models, sorted."""
-    return sorted(p.name[:-5] for p in resources.files("cnnlab.zoo").iterdir() if p.name.endswith(".toml"))
-
-
-def builtin_spec_text(name: str) -> str:
-    """The TOML text of a built-in model's spec."""
-    if name not in builtin_models():
-        raise SpecError(f"unknown model '{name}'; built-in models: {', '.join(builtin_models())} "
-                        "(or give the path of a .toml/.json spec)")
-    return resources.files("cnnlab.zoo").joinpath(f"{name}.toml").read_text(encoding="utf-8")
-
-
-def resolve_model(name_or_path: str) -> ModelSpec:
-    """A built-in model by name, or a spec file by path (.toml, .json or Keras JSON)."""
-    if name_or_path in builtin_models():
-        import tomllib
-
-        data = tomllib.loads(builtin_spec_text(name_or_path))
-        return parse_spec(data, source=f"cnnlab/zoo/{name_or_path}.toml", default_name=name_or_path)
-    path = Path(name_or_path)
-    if path.suffix.lower() in (".toml", ".json") or path.exists():
-        return load_spec(path)
-    raise SpecError(f"unknown model '{name_or_path}'; built-in models: {', '.join(builtin_models())} "
-                    "(or give the path of a .toml/.json spec)")
-
 
 # ---------------------------------------------------------------------------------------------
 # Initializers
@@ -153,15 +128,23 @@ class FastDropout(nn.Module):
         if x.is_cuda:
             keep = torch.rand(x.shape, device=x.device, dtype=torch.float16) >= self.rate
             return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
-        words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         noise = words.view(torch.int16)[: x.numel()].view(x.shape)
         keep = (noise >= self.threshold - 32768).to(x.dtype).mul_(self.scale)
         return x * keep
 
 
 ACTIVATION_MODULES = {
-    "linear": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "elu": nn.ELU,
-    "selu": nn.SELU, "gelu": nn.GELU, "softplus": nn.Softplus, "swish": nn.SiLU, "silu": nn.SiLU,
+    "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
 }
 
 
@@ -292,47 +275,114 @@ class ModelSummary:
 
     def to_text(self) -> str:
         """The summary as Keras prints it (plus FLOPs)."""
-        rows = [(f"{layer.name} ({layer.layer_type})", "(None, " + ", ".join(map(str, layer.output_shape)) + ")",
-                 f"{layer.params:,}") for layer in self.layers]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) + 3 for i, h in enumerate(("Layer (type)", "Output Shape", "Param #"))]
+        rows = [
+            (
+                f"{layer.name} ({layer.layer_type})",
+                "(None, " + ", ".join(map(_plain, layer.output_shape)) + ")",
+                format_count(layer.params),
+            )
+            for layer in self.layers
+        ]
+        widths = [
+            max(len(h), *(len(r[i]) for r in rows)) + 3
+            for i, h in enumerate(("Layer (type)", "Output Shape", "Param #"))
+        ]
         line = lambda cells: "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         rule = "_" * sum(widths)
         out = [f'Model: "{self.name}"', rule, line(("Layer (type)", "Output Shape", "Param #")), "=" * sum(widths)]
         for i, row in enumerate(rows):
             out.append(line(row))
             out.append(rule if i < len(rows) - 1 else "=" * sum(widths))
-        out += [f"Total params: {self.total_params:,}", f"Trainable params: {self.trainable_params:,}",
-                f"Non-trainable params: {self.non_trainable_params:,}", rule,
-                f"FLOPs per sample: {format_flops(self.forward_flops)} inference, "
-                f"{format_flops(self.training_flops)} training"]
+        out += [
+            f"Total params: {format_count(self.total_params)}",
+            f"Trainable params: {format_count(self.trainable_params)}",
+            f"Non-trainable params: {format_count(self.non_trainable_params)}",
+            rule,
+            f"FLOPs per sample: {format_flops(self.forward_flops)} inference, "
+            f"{format_flops(self.training_flops)} training",
+        ]
         return "\n".join(out)
 
 
-def format_flops(flops: float) -> str:
-    """Human-readable FLOPs: 12.3 MFLOPs, 1.2 GFLOPs."""
-    for unit, size in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+def format_flops(flops: int | float) -> str:
+    """Human-readable FLOPs: 12.3 MFLOPs, 1.2 GFLOPs (any size: a spec's counts are Python ints)."""
+    for unit, size in (("PFLOPs", 10**15), ("TFLOPs", 10**12), ("GFLOPs", 10**9), ("MFLOPs", 10**6), ("kFLOPs", 10**3)):
         if flops >= size:
+            if unit == "PFLOPs" and flops >= 10**18:  # beyond readable units: keep the magnitude
+                return f"{scientific_notation(flops)} FLOPs"
             return f"{flops / size:.1f} {unit}"
     return f"{flops:.0f} FLOPs"
 
 
-def _layer_flops(layer: LayerSpec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+def scientific_notation(value: int | float) -> str:
+    """A positive number as '2.4e+21', without converting an arbitrarily large int to a float or
+    to a string of all its digits (Python refuses over 4300)."""
+    if not isinstance(value, int) or value.bit_length() <= 1000:
+        return f"{value:.1e}"
+    exponent = (value.bit_length() - 1) * 30103 // 100000  # at most log10(value)
+    while 10 ** (exponent + 1) <= value:
+        exponent += 1
+    tenths = (value * 100 // 10**exponent + 5) // 10  # 10..100: the first two digits, rounded
+    if tenths == 100:
+        tenths, exponent = 10, exponent + 1
+    return f"{tenths // 10}.{tenths % 10}e+{exponent}"
+
+
+def format_count(n: int) -> str:
+    """A count with thousands separators, '1,234,567'; in scientific notation past about 1000 digits."""
+    return f"{n:,}" if n.bit_length() <= 3300 else scientific_notation(n)
+
+
+def _plain(n: int) -> str:
+    return str(n) if n.bit_length() <= 3300 else scientific_notation(n)
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """One spec layer's sizes, from the spec alone: what its module holds and computes."""
+
+    trainable: int  # parameters with gradients (kernel, bias, gamma, beta)
+    non_trainable: int  # buffers (BatchNormalization's moving mean and variance)
+    flops: int  # forward multiply-adds x 2, per sample
+
+
+def layer_counts(
+    layer: LayerSpec, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_module: bool = True
+) -> LayerCounts:
+    """Parameter counts and FLOPs of one layer, exactly as `_build_layer` makes its module, without
+    building it (Python ints: a layer of 10^20 units is counted, not allocated). `in_module` is False
+    for a layer past the classifier head (a trailing softmax, built as an Identity)."""
+    if not in_module:
+        return LayerCounts(0, 0, 0)
     if isinstance(layer, Conv2D):
-        return 2 * math.prod(out_shape) * layer.kernel_size[0] * layer.kernel_size[1] * in_shape[-1]
+        kernel = layer.kernel_size[0] * layer.kernel_size[1] * in_shape[-1] * layer.filters
+        flops = 2 * math.prod(out_shape) * layer.kernel_size[0] * layer.kernel_size[1] * in_shape[-1]
+        return LayerCounts(kernel + (layer.filters if layer.use_bias else 0), 0, flops)
     if isinstance(layer, Dense):
-        return 2 * in_shape[0] * layer.units
-    return 0
+        return LayerCounts(
+            in_shape[0] * layer.units + (layer.units if layer.use_bias else 0), 0, 2 * in_shape[0] * layer.units
+        )
+    if isinstance(layer, BatchNormalization):
+        channels = in_shape[-1]
+        return LayerCounts(channels * (int(layer.center) + int(layer.scale)), 2 * channels, 0)
+    return LayerCounts(0, 0, 0)
+
+
+def spec_layer_counts(spec: ModelSpec) -> list[LayerCounts]:
+    """`layer_counts` of every layer of the spec, in order."""
+    shapes = [tuple(spec.input_shape)] + spec.output_shapes()
+    head = classifier_head(spec)
+    return [layer_counts(layer, shapes[i], shapes[i + 1], in_module=i < head) for i, layer in enumerate(spec.layers)]
 
 
 def summarize(spec: ModelSpec) -> ModelSummary:
-    """Per-layer output shapes, parameter counts (from the built module) and FLOPs."""
-    model = SequentialNet(spec)
-    shapes = [tuple(spec.input_shape)] + spec.output_shapes()
-    rows = []
-    for i, (layer, name, module) in enumerate(zip(spec.layers, spec.layer_names(), model.layers)):
-        trainable = sum(p.numel() for p in module.parameters())
-        non_trainable = sum(b.numel() for b in module.buffers())
-        rows.append(LayerSummary(name, layer.type, shapes[i + 1], trainable + non_trainable, non_trainable,
-                                 _layer_flops(layer, shapes[i], shapes[i + 1])))
+    """Per-layer output shapes, parameter counts and FLOPs, computed from the spec alone: no module
+    is built and no weight allocated, so a spec of any size is summarised at once."""
+    shapes = spec.output_shapes()
+    rows = [
+        LayerSummary(
+            name, layer.type, shapes[i], counts.trainable + counts.non_trainable, counts.non_trainable, counts.flops
+        )
+        for i, (layer, name, counts) in enumerate(zip(spec.layers, spec.layer_names(), spec_layer_counts(spec)))
+    ]
     return ModelSummary(spec.name, tuple(spec.input_shape), tuple(rows))
-

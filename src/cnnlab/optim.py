@@ -5,13 +5,13 @@ Keras and PyTorch place Adam's epsilon differently. Keras (all versions) updates
     w -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + epsilon)
 
 with epsilon = 1e-7, while `torch.optim.Adam` adds epsilon to the bias-corrected sqrt(v). The two
-differ in the first steps and whenever v is tiny, so the seed's recipe needs this optimizer.
+differ in the first steps and whenever v is tiny, so the notebook's recipe needs this optimizer.
 The update uses PyTorch's multi-tensor (`_foreach`) kernels: one pass over all parameters.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -19,8 +19,14 @@ import torch
 class KerasAdam(torch.optim.Optimizer):
     """Adam with Keras's defaults (lr 1e-3, betas 0.9/0.999, epsilon 1e-7) and Keras's update rule."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-7) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 1e-3,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+    ) -> None:
         if lr <= 0 or not 0 <= beta_1 < 1 or not 0 <= beta_2 < 1 or epsilon <= 0:
             raise ValueError("KerasAdam needs lr > 0, betas in [0, 1) and epsilon > 0")
         super().__init__(params, dict(lr=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon))
@@ -55,9 +61,9 @@ class KerasAdam(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1.0)
             t = steps[0].double()  # float64 for the bias corrections: exact for any step count
             beta_1, beta_2 = group["beta_1"], group["beta_2"]
-            alpha = group["lr"] * torch.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
-            torch._foreach_lerp_(ms, grads, 1 - beta_1)          # m = b1 m + (1 - b1) g
-            torch._foreach_mul_(vs, beta_2)                       # v = b2 v + (1 - b2) g^2
+            alpha = group["lr"] * torch.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+            torch._foreach_lerp_(ms, grads, 1 - beta_1)  # m = b1 m + (1 - b1) g
+            torch._foreach_mul_(vs, beta_2)  # v = b2 v + (1 - b2) g^2
             torch._foreach_addcmul_(vs, grads, grads, value=1 - beta_2)
             denominators = torch._foreach_sqrt(vs)
             torch._foreach_add_(denominators, group["epsilon"])

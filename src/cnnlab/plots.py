@@ -1,13 +1,13 @@
 """The run's figures: learning curves, confusion matrices and the most confident mistakes.
 
-Learning curves are the seed's train-vs-validation loss per model, accuracy, and all models
-overlaid; with several seeds each seed's curve is drawn faint and the mean over seeds bold.
+Learning curves are the notebook's train-vs-validation loss per model, accuracy, and all models
+overlaid; with several seeds each notebook's curve is drawn faint and the mean over seeds bold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -16,10 +16,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cnnlab.runs import UnitResult, atomic_path  # noqa: E402
+from cnnlab.files import atomic_path  # noqa: E402
+from cnnlab.results import UnitResult  # noqa: E402
+from cnnlab.stats import group_by_arm  # noqa: E402
 
-CURVES = {"loss": ("loss", "val_loss", "Categorical cross-entropy loss"),
-          "accuracy": ("accuracy", "val_accuracy", "Accuracy")}
+CURVES = {
+    "loss": ("loss", "val_loss", "Categorical cross-entropy loss"),
+    "accuracy": ("accuracy", "val_accuracy", "Accuracy"),
+}
 
 
 def _series(units: Sequence[UnitResult], key: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -47,13 +51,13 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def model_figure(units: Sequence[UnitResult], curve: str, path: Path) -> Path:
-    """One model: training vs validation per epoch (the seed's plot for curve='loss')."""
+    """One model: training vs validation per epoch (the notebook's plot for curve='loss')."""
     train_key, val_key, ylabel = CURVES[curve]
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw(ax, units, val_key, "tab:blue", "Validation")
     _draw(ax, units, train_key, "tab:red", "Train")
     seeds = f" ({len(units)} seeds)" if len(units) > 1 else ""
-    ax.set(title=f"{units[0].model}: {ylabel.lower()}{seeds}", xlabel="Epoch", ylabel=ylabel)
+    ax.set(title=f"{units[0].arm}: {ylabel.lower()}{seeds}", xlabel="Epoch", ylabel=ylabel)
     ax.legend()
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
@@ -63,13 +67,12 @@ def overlay_figure(groups: dict[str, Sequence[UnitResult]], path: Path) -> Path:
     """All models on one figure: loss and accuracy, validation solid and training dashed."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (model, units) in enumerate(groups.items()):
+    for i, (arm, units) in enumerate(groups.items()):
         color = colors[i % len(colors)]
         for ax, (train_key, val_key, ylabel) in zip(axes, CURVES.values()):
-            _draw(ax, units, val_key, color, f"{model} validation")
+            _draw(ax, units, val_key, color, f"{arm} validation")
             epochs, curves = _series(units, train_key)
-            ax.plot(epochs, np.mean(curves, axis=0), color=color, linestyle="--", linewidth=1.2,
-                    label=f"{model} train")
+            ax.plot(epochs, np.mean(curves, axis=0), color=color, linestyle="--", linewidth=1.2, label=f"{arm} train")
             ax.set(xlabel="Epoch", ylabel=ylabel)
     axes[0].set_title("Loss per epoch")
     axes[1].set_title("Accuracy per epoch")
@@ -79,16 +82,21 @@ def overlay_figure(groups: dict[str, Sequence[UnitResult]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_plots(run_dir: Path, units: Sequence[UnitResult], image_format: str = "png") -> list[Path]:
-    """loss_<model>, accuracy_<model> and curves_all plots in the run folder."""
-    groups: dict[str, list[UnitResult]] = {}
-    for unit in units:
-        groups.setdefault(unit.model, []).append(unit)
+def curve_path(out_dir: Path, curve: str, arm_folder: str, image_format: str) -> Path:
+    """Where an arm's learning curve goes: `loss_<arm folder>.png` (the folder name is always safe)."""
+    return out_dir / f"{curve}_{arm_folder}.{image_format}"
+
+
+def write_plots(
+    out_dir: Path, units: Sequence[UnitResult], folders: dict[str, str], image_format: str = "png"
+) -> list[Path]:
+    """loss_<arm>, accuracy_<arm> and curves_all plots; `folders` maps each arm's name to its folder."""
+    groups = group_by_arm(units)
     paths = []
-    for model, group in groups.items():
+    for arm, group in groups.items():
         for curve in CURVES:
-            paths.append(model_figure(group, curve, run_dir / f"{curve}_{model}.{image_format}"))
-    paths.append(overlay_figure(groups, run_dir / f"curves_all.{image_format}"))
+            paths.append(model_figure(group, curve, curve_path(out_dir, curve, folders[arm], image_format)))
+    paths.append(overlay_figure(groups, out_dir / f"curves_all.{image_format}"))
     return paths
 
 
@@ -103,19 +111,38 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str, pat
     for (row, col), count in np.ndenumerate(matrix):
         if count:
             dark = matrix[row, col] / row_totals[row, 0] > threshold
-            ax.text(col, row, f"{count:,}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else ("black" if row == col else "tab:red"))
+            ax.text(
+                col,
+                row,
+                f"{count:,}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else ("black" if row == col else "tab:red"),
+            )
     ticks = np.arange(len(classes))
-    ax.set_xticks(ticks, labels=classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right"
-                  if max(map(len, classes)) > 2 else "center", fontsize=8)
+    ax.set_xticks(
+        ticks,
+        labels=classes,
+        rotation=45 if max(map(len, classes)) > 2 else 0,
+        ha="right" if max(map(len, classes)) > 2 else "center",
+        fontsize=8,
+    )
     ax.set_yticks(ticks, labels=classes, fontsize=8)
     ax.set(title=title, xlabel="Predicted class", ylabel="True class")
     return save_figure(fig, path)
 
 
-def mistakes_figure(images: np.ndarray, true_labels: Sequence[int], predicted: Sequence[int],
-                    confidences: Sequence[float], classes: Sequence[str], title: str, path: Path,
-                    columns: int = 8) -> Path:
+def mistakes_figure(
+    images: np.ndarray,
+    true_labels: Sequence[int],
+    predicted: Sequence[int],
+    confidences: Sequence[float],
+    classes: Sequence[str],
+    title: str,
+    path: Path,
+    columns: int = 8,
+) -> Path:
     """A grid of misclassified test images (uint8, (N, H, W) or (N, H, W, C)), labelled true / predicted."""
     count = len(images)
     rows = max(1, -(-count // columns))
@@ -126,8 +153,13 @@ def mistakes_figure(images: np.ndarray, true_labels: Sequence[int], predicted: S
             continue
         image = images[i]
         ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"true {classes[true_labels[i]]}\npred {classes[predicted[i]]}\n{confidences[i]:.1%}",
-                     fontsize=7.5, y=-0.02, va="top", linespacing=1.15)
+        ax.set_title(
+            f"true {classes[true_labels[i]]}\npred {classes[predicted[i]]}\n{confidences[i]:.1%}",
+            fontsize=7.5,
+            y=-0.02,
+            va="top",
+            linespacing=1.15,
+        )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(h_pad=2.2)
     return save_figure(fig, path)

@@ -6,16 +6,19 @@ import sys
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cnnlab.engine import EpochRecord
+from cnnlab.results import EpochRecord
 
 
 def epoch_line(label: str, record: EpochRecord, epochs: int) -> str:
-    """One epoch as the seed's Keras log prints it, plus throughput."""
-    return (f"{label} epoch {record.epoch}/{epochs} - {record.train_seconds + record.val_seconds:.1f}s - "
-            f"loss: {record.loss:.4f} - accuracy: {record.accuracy:.4f} - val_loss: {record.val_loss:.4f} - "
-            f"val_accuracy: {record.val_accuracy:.4f} - {record.samples_per_second:,.0f} samples/s")
+    """One epoch as the notebook's Keras log prints it, plus throughput."""
+    return (
+        f"{label} epoch {record.epoch}/{epochs} - {record.train_seconds + record.val_seconds:.1f}s - "
+        f"loss: {record.loss:.4f} - accuracy: {record.accuracy:.4f} - val_loss: {record.val_loss:.4f} - "
+        f"val_accuracy: {record.val_accuracy:.4f} - {record.samples_per_second:,.0f} samples/s"
+    )
 
 
 class PlainReporter:
@@ -45,22 +48,29 @@ class RichReporter:
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         self.epochs = epochs
         self.progress = Progress(
-            TextColumn(f"[bold]{self.label}[/] {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=self.console, transient=True)
+            TextColumn(f"[bold]{escape(self.label)}[/] {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.progress.start()
         self.task = self.progress.add_task("epoch", total=steps, stats="")
 
     def update(self, step: int, samples: int, loss: float, accuracy: float) -> None:
         if self.progress is not None:
             elapsed = self.progress.tasks[0].elapsed or 1e-9
-            self.progress.update(self.task, completed=step,
-                                 stats=f"loss {loss:.4f} acc {accuracy:.4f} {samples / elapsed:,.0f}/s")
+            self.progress.update(
+                self.task, completed=step, stats=f"loss {loss:.4f} acc {accuracy:.4f} {samples / elapsed:,.0f}/s"
+            )
 
     def end_epoch(self, record: EpochRecord) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self.console.print(epoch_line(self.label, record, self.epochs), highlight=False)
+        self.console.print(epoch_line(self.label, record, self.epochs), highlight=False, markup=False)
 
 
 def make_reporter(label: str, console: Console) -> PlainReporter | RichReporter:

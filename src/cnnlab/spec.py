@@ -21,24 +21,23 @@ layer's output shape, so a bad spec fails here with the file, layer index and fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
+import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from cnnlab.errors import SpecError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "softplus", "swish", "silu")
 INITIALIZERS = (
-    "glorot_uniform", "glorot_normal", "he_normal", "he_uniform",
-    "lecun_normal", "lecun_uniform", "zeros", "ones",
+    "glorot_uniform",
+    "glorot_normal",
+    "he_normal",
+    "he_uniform",
+    "lecun_normal",
+    "lecun_uniform",
+    "zeros",
+    "ones",
 )
 PADDINGS = ("valid", "same")
 
@@ -148,7 +147,7 @@ class Activation:
     pairs: ClassVar[tuple[str, ...]] = ()
 
 
-LayerSpec = Union[Conv2D, MaxPooling2D, Dropout, Flatten, Dense, BatchNormalization, Activation]
+LayerSpec = Conv2D | MaxPooling2D | Dropout | Flatten | Dense | BatchNormalization | Activation
 LAYER_TYPES: dict[str, type] = {
     cls.type: cls for cls in (Conv2D, MaxPooling2D, Dropout, Flatten, Dense, BatchNormalization, Activation)
 }
@@ -184,14 +183,15 @@ class ModelSpec:
 # Parsing
 
 
-class _Where:
+class SpecLocation:
     """Formats 'file, layer N (Type), field X' prefixes for error messages."""
 
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def error(self, message: str, index: int | None = None, layer_type: str | None = None,
-              field_name: str | None = None) -> SpecError:
+    def error(
+        self, message: str, index: int | None = None, layer_type: str | None = None, field_name: str | None = None
+    ) -> SpecError:
         where = [self.source]
         if index is not None:
             where.append(f"layer {index}" + (f" ({layer_type})" if layer_type else ""))
@@ -200,30 +200,9 @@ class _Where:
         return SpecError(f"{': '.join([', '.join(where), message])}")
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Read a spec file (.toml or .json; Keras `model.to_json()` files are recognised too)."""
-    path = Path(path)
-    where = _Where(str(path))
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file; give a built-in model name (see `cnnlab models`) or a .toml/.json path")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise where.error(f"not valid {path.suffix.lstrip('.').upper() or 'TOML'} ({exc}); fix the syntax") from None
-    if isinstance(data, dict) and "class_name" in data and "config" in data:
-        from cnnlab.keras_json import spec_from_keras_json  # Keras's own format
-
-        return spec_from_keras_json(data, source=str(path), default_name=path.stem)
-    return parse_spec(data, source=str(path), default_name=path.stem)
-
-
 def parse_spec(data: Any, source: str = "<spec>", default_name: str = "model") -> ModelSpec:
     """Build and validate a `ModelSpec` from parsed TOML/JSON data."""
-    where = _Where(source)
+    where = SpecLocation(source)
     if not isinstance(data, dict):
         raise where.error("a spec must be a table with input_shape, num_classes and layers")
     allowed = {"name", "description", "input_shape", "num_classes", "layers"}
@@ -235,20 +214,34 @@ def parse_spec(data: Any, source: str = "<spec>", default_name: str = "model") -
     if "input_shape" not in data:
         raise where.error("missing; give [height, width, channels], e.g. [28, 28, 1]", field_name="input_shape")
     input_shape = data["input_shape"]
-    if (not isinstance(input_shape, (list, tuple)) or len(input_shape) != 3
-            or not all(_is_int(v) and v > 0 for v in input_shape)):
-        raise where.error(f"must be three positive integers [height, width, channels], got {input_shape!r}",
-                          field_name="input_shape")
+    if (
+        not isinstance(input_shape, (list, tuple))
+        or len(input_shape) != 3
+        or not all(_is_int(v) and v > 0 for v in input_shape)
+    ):
+        raise where.error(
+            f"must be three positive integers [height, width, channels], got {input_shape!r}", field_name="input_shape"
+        )
     layers = tuple(_parse_layer(raw, i, where) for i, raw in enumerate(data["layers"], start=1))
     last_dense = next((layer for layer in reversed(layers) if isinstance(layer, Dense)), None)
     num_classes = data.get("num_classes", last_dense.units if last_dense else None)
     if not _is_int(num_classes) or num_classes < 2:
         raise where.error(f"must be an integer >= 2, got {num_classes!r}", field_name="num_classes")
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name.strip():
         raise where.error("must be a non-empty string", field_name="name")
-    spec = ModelSpec(name=name, input_shape=tuple(input_shape), num_classes=num_classes, layers=layers,
-                     description=str(data.get("description", "")), source=source)
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        raise where.error(
+            f"must not contain control characters, got {name!r}; use letters, digits and punctuation", field_name="name"
+        )
+    spec = ModelSpec(
+        name=name,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        layers=layers,
+        description=str(data.get("description", "")),
+        source=source,
+    )
     validate(spec)
     return spec
 
@@ -257,14 +250,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_layer(raw: Any, index: int, where: _Where) -> LayerSpec:
+def _parse_layer(raw: Any, index: int, where: SpecLocation) -> LayerSpec:
     if not isinstance(raw, dict):
         raise where.error("each layer must be a table with a 'type'", index)
     layer_type = raw.get("type")
     cls = LAYER_TYPES.get(layer_type)
     if cls is None:
-        raise where.error(f"unknown layer type {layer_type!r}; supported: {', '.join(LAYER_TYPES)}", index,
-                          field_name="type")
+        raise where.error(
+            f"unknown layer type {layer_type!r}; supported: {', '.join(LAYER_TYPES)}", index, field_name="type"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -275,8 +269,11 @@ def _parse_layer(raw: Any, index: int, where: _Where) -> LayerSpec:
         if key == "activation" and value is None:
             value = "linear"  # Keras's None means no activation
         kwargs[key] = _pair(value) if key in cls.pairs else value
-    missing = [f.name for f in fields.values()
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
+    ]
     if missing:
         raise where.error("required field missing", index, layer_type, missing[0])
     layer = cls(**kwargs)
@@ -284,7 +281,7 @@ def _parse_layer(raw: Any, index: int, where: _Where) -> LayerSpec:
     return layer
 
 
-def _check_layer_fields(layer: LayerSpec, index: int, where: _Where) -> None:
+def _check_layer_fields(layer: LayerSpec, index: int, where: SpecLocation) -> None:
     """Type and range checks for one layer's fields."""
 
     def fail(field_name: str, message: str) -> SpecError:
@@ -348,31 +345,45 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def infer_shapes(spec: ModelSpec) -> list[Shape]:
     """Output shape of every layer (channels_last, no batch axis); raises SpecError on the first bad one."""
-    where = _Where(spec.source)
+    where = SpecLocation(spec.source)
     shape: Shape = tuple(spec.input_shape)
     shapes: list[Shape] = []
     for index, layer in enumerate(spec.layers, start=1):
         if isinstance(layer, (Conv2D, MaxPooling2D)):
             if len(shape) != 3:
-                raise where.error(f"needs a 4-D input (batch, height, width, channels) but gets {_fmt(shape)}; "
-                                  "remove the Flatten or Dense before it", index, layer.type)
+                raise where.error(
+                    f"needs a 4-D input (batch, height, width, channels) but gets {_fmt(shape)}; "
+                    "remove the Flatten or Dense before it",
+                    index,
+                    layer.type,
+                )
             if isinstance(layer, Conv2D):
                 kernel, strides, channels = layer.kernel_size, layer.strides, layer.filters
             else:
                 kernel, strides, channels = layer.pool_size, layer.strides or layer.pool_size, shape[2]
-            height, width = (conv_output_size(shape[axis], kernel[axis], strides[axis], layer.padding) for axis in (0, 1))
+            height, width = (
+                conv_output_size(shape[axis], kernel[axis], strides[axis], layer.padding) for axis in (0, 1)
+            )
             if height <= 0 or width <= 0:
                 field_name = "kernel_size" if isinstance(layer, Conv2D) else "pool_size"
-                raise where.error(f"input {_fmt(shape)} shrinks to nothing ({height}x{width}) with "
-                                  f"{field_name} {list(kernel)} and padding '{layer.padding}'; use padding 'same', a "
-                                  f"smaller {field_name}, or fewer layers before it", index, layer.type, field_name)
+                raise where.error(
+                    f"input {_fmt(shape)} shrinks to nothing ({height}x{width}) with "
+                    f"{field_name} {list(kernel)} and padding '{layer.padding}'; use padding 'same', a "
+                    f"smaller {field_name}, or fewer layers before it",
+                    index,
+                    layer.type,
+                    field_name,
+                )
             shape = (height, width, channels)
         elif isinstance(layer, Flatten):
             shape = (math.prod(shape),)
         elif isinstance(layer, Dense):
             if len(shape) != 1:
-                raise where.error(f"Dense on a {len(shape) + 1}-D input {_fmt(shape)}; add a Flatten layer before it",
-                                  index, layer.type)
+                raise where.error(
+                    f"Dense on a {len(shape) + 1}-D input {_fmt(shape)}; add a Flatten layer before it",
+                    index,
+                    layer.type,
+                )
             shape = (layer.units,)
         shapes.append(shape)
     return shapes
@@ -384,22 +395,33 @@ def _fmt(shape: Shape) -> str:
 
 def validate(spec: ModelSpec) -> None:
     """Check shapes end to end and that the network ends in a classifier over `num_classes`."""
-    where = _Where(spec.source)
+    where = SpecLocation(spec.source)
     shapes = infer_shapes(spec)
     if shapes[-1] != (spec.num_classes,):
-        raise where.error(f"the last layer outputs {_fmt(shapes[-1])} but num_classes is {spec.num_classes}; "
-                          f"end with Dense(units = {spec.num_classes}, activation = 'softmax')",
-                          len(spec.layers), spec.layers[-1].type)
+        raise where.error(
+            f"the last layer outputs {_fmt(shapes[-1])} but num_classes is {spec.num_classes}; "
+            f"end with Dense(units = {spec.num_classes}, activation = 'softmax')",
+            len(spec.layers),
+            spec.layers[-1].type,
+        )
     for index, layer in enumerate(spec.layers[:-1], start=1):
         if getattr(layer, "activation", None) == "softmax":
-            raise where.error("softmax is only supported as the output activation (the loss applies it)",
-                              index, layer.type, "activation")
+            raise where.error(
+                "softmax is only supported as the output activation (the loss applies it)",
+                index,
+                layer.type,
+                "activation",
+            )
     head = classifier_head(spec)
     output = spec.layers[head - 1]
     if getattr(output, "activation", "linear") not in ("softmax", "linear"):
-        raise where.error(f"the output layer's activation must be 'softmax' (or 'linear'), got "
-                          f"'{output.activation}'; cnnlab trains with categorical cross-entropy",
-                          head, output.type, "activation")
+        raise where.error(
+            f"the output layer's activation must be 'softmax' (or 'linear'), got "
+            f"'{output.activation}'; cnnlab trains with categorical cross-entropy",
+            head,
+            output.type,
+            "activation",
+        )
 
 
 def classifier_head(spec: ModelSpec) -> int:

@@ -1,22 +1,26 @@
 """Statistics over seeds: mean, spread, confidence intervals, and whether a difference is real.
 
-A model trained with several seeds gives a sample of test accuracies. We report the mean, the
-sample standard deviation and a 95% Student-t confidence interval of the mean. Two models are
-compared with Welch's t-test (unequal variances) on their per-seed test accuracies; the interval
-of the difference uses the Welch-Satterthwaite degrees of freedom.
+An arm trained with several seeds gives a sample of test accuracies. We report the mean, the
+sample standard deviation (none for one seed) and a 95% Student-t confidence interval of the mean.
+Two arms are compared with Welch's t-test (unequal variances) on their per-seed test accuracies;
+the interval of the difference uses the Welch-Satterthwaite degrees of freedom. Every pairwise
+comparison of a run is one family: a verdict needs its Holm-adjusted p-value below alpha, so the
+chance of any false verdict stays at alpha however many arms there are. The intervals shown are
+each pair's own (unadjusted) 95% intervals. When every seed of both arms scores the same, the
+seeds do not vary and no test is possible.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from itertools import combinations
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cnnlab.runs import UnitResult
+from cnnlab.results import UnitResult
 
 
 @dataclass(frozen=True)
@@ -50,98 +54,122 @@ def aggregate(values: Sequence[float], confidence: float = 0.95) -> Aggregate:
         return Aggregate(math.nan, math.nan, math.nan, math.nan, 0)
     mean = float(sample.mean())
     if n < 2:
-        return Aggregate(mean, 0.0, math.nan, math.nan, n)
+        return Aggregate(mean, math.nan, math.nan, math.nan, n)  # one value has no spread
     std = float(sample.std(ddof=1))
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return Aggregate(mean, std, mean - half, mean + half, n)
 
 
 @dataclass(frozen=True)
-class ModelStats:
-    """One row of the comparison table: a model's results over its seeds."""
+class ArmStats:
+    """One row of the comparison table: an arm's results over its seeds."""
 
-    model: str
+    arm: str
     seeds: tuple[int, ...]
     params: int
     train_accuracy: Aggregate
     test_loss: Aggregate
     test_accuracy: Aggregate
-    wall_seconds: float          # mean over seeds
-    seconds_per_epoch: float     # mean over seeds
-    samples_per_second: float    # mean over seeds
+    wall_seconds: float  # mean over seeds
+    seconds_per_epoch: float  # mean over seeds
+    samples_per_second: float  # mean over seeds
     train_gflops_per_second: float
     precision: str
     device: str
     train_flops_per_sample: int | None = None  # forward + backward; inference is a third of it
 
 
-def model_stats(units: Sequence[UnitResult]) -> list[ModelStats]:
-    """Group finished runs by model (in order of first appearance) and aggregate over seeds."""
-    by_model: dict[str, list[UnitResult]] = {}
+def group_by_arm(units: Sequence[UnitResult]) -> dict[str, list[UnitResult]]:
+    """Finished units grouped by arm, arms in order of first appearance."""
+    groups: dict[str, list[UnitResult]] = {}
     for unit in units:
-        by_model.setdefault(unit.model, []).append(unit)
+        groups.setdefault(unit.arm, []).append(unit)
+    return groups
+
+
+def arm_stats(units: Sequence[UnitResult]) -> list[ArmStats]:
+    """Aggregate each arm's finished units over their seeds (arms in order of first appearance)."""
     rows = []
-    for model, group in by_model.items():
-        metric = lambda key: [u.metrics[key] for u in group]  # noqa: E731
+    for arm, group in group_by_arm(units).items():
+        metric = lambda key, group=group: [u.metrics[key] for u in group]
         hardware = group[0].metrics["hardware"]
-        rows.append(ModelStats(
-            model=model, seeds=tuple(u.seed for u in group), params=group[0].metrics["params"],
-            train_accuracy=aggregate(metric("train_accuracy")), test_loss=aggregate(metric("test_loss")),
-            test_accuracy=aggregate(metric("test_accuracy")),
-            wall_seconds=float(np.mean(metric("wall_seconds"))),
-            seconds_per_epoch=float(np.mean(metric("seconds_per_epoch"))),
-            samples_per_second=float(np.mean(metric("samples_per_second"))),
-            train_gflops_per_second=float(np.mean(metric("train_gflops_per_second"))),
-            precision=hardware["precision"], device=hardware["device_name"],
-            train_flops_per_sample=group[0].metrics.get("train_flops_per_sample"),
-        ))
+        rows.append(
+            ArmStats(
+                arm=arm,
+                seeds=tuple(u.seed for u in group),
+                params=group[0].metrics["params"],
+                train_accuracy=aggregate(metric("train_accuracy")),
+                test_loss=aggregate(metric("test_loss")),
+                test_accuracy=aggregate(metric("test_accuracy")),
+                wall_seconds=float(np.mean(metric("wall_seconds"))),
+                seconds_per_epoch=float(np.mean(metric("seconds_per_epoch"))),
+                samples_per_second=float(np.mean(metric("samples_per_second"))),
+                train_gflops_per_second=float(np.mean(metric("train_gflops_per_second"))),
+                precision=hardware["precision"],
+                device=hardware["device_name"],
+                train_flops_per_sample=group[0].metrics.get("train_flops_per_sample"),
+            )
+        )
     return rows
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Model `a` minus model `b` in mean test accuracy, with Welch's test."""
+    """Arm `a` minus arm `b` in mean test accuracy, with Welch's test, Holm-adjusted over the run's family."""
 
     a: str
     b: str
-    difference: float      # mean accuracy of a minus b (fraction, not percent)
-    ci_low: float
+    difference: float  # mean accuracy of a minus b (fraction, not percent)
+    ci_low: float  # the pair's own 95% interval (unadjusted)
     ci_high: float
-    p_value: float
+    p_value: float  # Welch's two-sided p, unadjusted
     n_a: int
     n_b: int
     alpha: float = 0.05
+    p_adjusted: float = math.nan  # Holm-adjusted over `family` comparisons: the verdict's p
+    family: int = 1
+    seeds_vary: bool = True  # False when every seed of both arms scores the same
 
     @property
     def testable(self) -> bool:
-        return self.n_a >= 2 and self.n_b >= 2 and not math.isnan(self.p_value)
+        return self.n_a >= 2 and self.n_b >= 2 and self.seeds_vary and not math.isnan(self.p_value)
 
     @property
     def untestable_reason(self) -> str:
-        """Why no test was made ('' when one was): too few seeds, or a NaN result (a diverged run)."""
+        """Why no test was made ('' when one was): too few seeds, seeds that do not vary, a NaN result."""
         if self.testable:
             return ""
         if self.n_a < 2 or self.n_b < 2:
-            return "needs at least 2 seeds per model, e.g. --seeds 3"
+            return "needs at least 2 seeds per arm, e.g. --seeds 3"
+        if not self.seeds_vary:
+            return "every seed of both gives the same accuracy: the seeds do not vary, so no test is possible"
         return "a test accuracy is NaN; a run may have diverged"
 
     @property
     def significant(self) -> bool:
-        return self.testable and self.p_value < self.alpha
+        return self.testable and self.p_adjusted < self.alpha
+
+    def p_text(self) -> str:
+        """The verdict's p-value in words: Holm-adjusted when the family has more than one test."""
+        if self.family > 1:
+            return f"Holm-adjusted {_format_p(self.p_adjusted)} over {self.family} comparisons"
+        return _format_p(self.p_adjusted)
 
     def sentence(self) -> str:
         """The verdict in plain words."""
         seeds = f"{self.n_a} seeds" if self.n_a == self.n_b else f"{self.n_a} and {self.n_b} seeds"
         if not self.testable:
-            return (f"{self.a} vs {self.b}: {self.difference * 100:+.2f} pp in test accuracy; "
-                    f"not tested ({self.untestable_reason})")
-        detail = f"95% CI {self.ci_low * 100:.2f} to {self.ci_high * 100:.2f}, {_format_p(self.p_value)}, {seeds}"
+            return (
+                f"{self.a} vs {self.b}: {self.difference * 100:+.2f} pp in test accuracy; "
+                f"not tested ({self.untestable_reason})"
+            )
+        low, high = self.ci_low, self.ci_high
+        if self.significant and self.difference < 0:
+            low, high = -high, -low
+        detail = f"95% CI {low * 100:.2f} to {high * 100:.2f} unadjusted, {self.p_text()}, {seeds}"
         if not self.significant:
             return f"{self.a} vs {self.b}: no significant difference ({self.difference * 100:+.2f} pp, {detail})"
         winner, loser = (self.a, self.b) if self.difference > 0 else (self.b, self.a)
-        low, high = sorted((abs(self.ci_low), abs(self.ci_high)))
-        if self.difference < 0:
-            detail = f"95% CI {low * 100:.2f} to {high * 100:.2f}, {_format_p(self.p_value)}, {seeds}"
         return f"{winner} beats {loser} by {abs(self.difference) * 100:.2f} pp ({detail})"
 
 
@@ -150,30 +178,74 @@ def _format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def welch(a: Sequence[float], b: Sequence[float], name_a: str = "a", name_b: str = "b",
-          alpha: float = 0.05) -> Comparison:
-    """Welch's t-test and the (1 - alpha) interval of mean(a) - mean(b)."""
+def welch(
+    a: Sequence[float], b: Sequence[float], name_a: str = "a", name_b: str = "b", alpha: float = 0.05
+) -> Comparison:
+    """Welch's t-test and the (1 - alpha) interval of mean(a) - mean(b), as a family of one."""
     xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     difference = float(xa.mean() - xb.mean())
+    untested = Comparison(name_a, name_b, difference, math.nan, math.nan, math.nan, len(xa), len(xb), alpha)
     if len(xa) < 2 or len(xb) < 2:
-        return Comparison(name_a, name_b, difference, math.nan, math.nan, math.nan, len(xa), len(xb), alpha)
+        return untested
     va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
     standard_error = math.sqrt(va + vb)
-    if standard_error == 0:  # identical results on every seed: a difference is certain, none is impossible
-        p_value = 1.0 if difference == 0 else 0.0
-        return Comparison(name_a, name_b, difference, difference, difference, p_value, len(xa), len(xb), alpha)
-    df = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
+    if standard_error == 0:  # every seed scores the same: no spread to test a difference against
+        return replace(untested, seeds_vary=False)
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
     half = float(scipy_stats.t.ppf(1 - alpha / 2, df)) * standard_error
-    p_value = float(scipy_stats.ttest_ind(xa, xb, equal_var=False).pvalue)
-    return Comparison(name_a, name_b, difference, difference - half, difference + half, p_value,
-                      len(xa), len(xb), alpha)
+    # Welch's two-sided p from its definition (scipy's ttest_ind warns when one arm has no spread).
+    p_value = float(2 * scipy_stats.t.sf(abs(difference) / standard_error, df))
+    return Comparison(
+        name_a,
+        name_b,
+        difference,
+        difference - half,
+        difference + half,
+        p_value,
+        len(xa),
+        len(xb),
+        alpha,
+        p_adjusted=p_value,
+    )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: the adjusted p-values, in the input's order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def pairwise(units: Sequence[UnitResult], alpha: float = 0.05) -> list[Comparison]:
-    """Every pair of models compared on test accuracy, best model first in each pair."""
-    accuracies: dict[str, list[float]] = {}
-    for unit in units:
-        accuracies.setdefault(unit.model, []).append(unit.test_accuracy)
-    means = {model: float(np.mean(values)) for model, values in accuracies.items()}
+    """Every pair of arms compared on test accuracy, best arm first in each pair; the testable
+    comparisons form one family whose p-values are Holm-adjusted."""
+    accuracies = {arm: [u.test_accuracy for u in group] for arm, group in group_by_arm(units).items()}
+    means = {arm: float(np.mean(values)) for arm, values in accuracies.items()}
     ranked = sorted(means, key=lambda m: (math.isnan(means[m]), -means[m]))  # NaN (diverged) last
-    return [welch(accuracies[a], accuracies[b], a, b, alpha) for a, b in combinations(ranked, 2)]
+    raw = [welch(accuracies[a], accuracies[b], a, b, alpha) for a, b in combinations(ranked, 2)]
+    tested = [i for i, c in enumerate(raw) if c.testable]
+    adjusted = holm([raw[i].p_value for i in tested])
+    out = list(raw)
+    for i, p in zip(tested, adjusted):
+        out[i] = replace(raw[i], p_adjusted=p, family=len(tested))
+    return out
+
+
+def confusion_matrix(
+    labels: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Counts of (true class, predicted class) pairs; rows are true classes."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predictions, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Accuracy on each true class of a confusion matrix (NaN for a class with no images)."""
+    totals = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(confusion) / totals, np.nan)

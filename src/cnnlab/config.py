@@ -1,0 +1,335 @@
+"""The run plan: what a run trains, as typed frozen data, resolved once and written to the run folder.
+
+Configuration is split by meaning:
+
+- `Recipe`: how one arm trains (epochs, batch size, optimizer settings). Every key is defined
+  once, as a field with its default (the notebook's recipe), its check and its command-line
+  flag; unknown keys are refused.
+- `DataSelection`: the data of the whole run (dataset, folder, limits, validation split), shared by
+  every arm.
+- `HardwareRequest`: what the user asked for (`auto`, a device, a precision, compilation);
+  `Hardware` is what that resolved to on the machine that ran it (see `hardware.py`).
+
+An `Arm` is one model spec with one recipe; a `Unit` is one arm trained with one seed; a `RunPlan`
+holds the arms, the seeds, the data selection and the hardware. This module is pure data: it
+imports neither torch nor the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnnlab.errors import ConfigError
+from cnnlab.spec import ModelSpec
+
+FORMAT_VERSION = 2  # config.toml's layout; 0.1's had none and is read as version 1
+IMAGE_FORMATS = ("png", "svg")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _unit_interval(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
+def _key(
+    default: Any, check: Callable[[Any], bool], must: str, flag: str | None = None, label: str | None = None
+) -> Any:
+    """A recipe key: its default, its check and the words of its error, its CLI flag, its short label."""
+    return field(default=default, metadata={"check": check, "must": must, "flag": flag, "label": label})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one arm trains: the notebook's recipe by default (Adam, batch 128, 12 epochs)."""
+
+    epochs: int = _key(12, _positive_int, "be an integer >= 1", "--epochs", "epochs")
+    batch_size: int = _key(128, _positive_int, "be an integer >= 1", "--batch-size", "batch")
+    learning_rate: float = _key(1e-3, _positive, "be a positive number", "--lr", "lr")
+    beta_1: float = _key(0.9, _unit_interval, "be in (0, 1)", label="beta_1")
+    beta_2: float = _key(0.999, _unit_interval, "be in (0, 1)", label="beta_2")
+    epsilon: float = _key(1e-7, _positive, "be a positive number", label="epsilon")  # Keras's (PyTorch: 1e-8)
+    eval_batch_size: int = _key(1000, _positive_int, "be an integer >= 1", label="eval_batch")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.metadata["check"](value):
+                raise ConfigError(f"{_where(f)} must {f.metadata['must']}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key with its value (the run folder records them all)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
+        """The recipe of a mapping; unknown keys are refused, missing keys take their default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown recipe key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    def differences(self, other: Recipe) -> list[tuple[str, Any]]:
+        """(label, value) of every key where this recipe differs from `other`, in field order."""
+        return [
+            (f.metadata["label"] or f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def _where(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or f"recipe key '{f.name}'"
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """The data of a whole run: every arm and seed trains and is tested on the same images."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None  # a local folder of IDX files; None downloads into the cache
+    limit_train: int | None = None  # the first N training images
+    limit_test: int | None = None  # the first N test images
+    val_split: float = 0.0  # > 0: validate on this fraction of the training split, not on the test split
+
+    def __post_init__(self) -> None:
+        for name, flag in (("limit_train", "--limit-train"), ("limit_test", "--limit-test")):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            raise ConfigError(f"--val-split must be in [0, 1), e.g. 0.1, got {self.val_split!r}")
+
+
+@dataclass(frozen=True)
+class HardwareRequest:
+    """What the user asked for; `auto` is resolved once per run (hardware.resolve_hardware)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: str = "auto"  # auto | on | off
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ConfigError(f"--device must be {DEVICES_HELP}, got '{self.device}'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got '{self.precision}'")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"--compile must be auto, on or off, got '{self.compile}'")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What a run's `HardwareRequest` resolved to, recorded in the run folder and reused on resume."""
+
+    device: str
+    device_name: str
+    precision: str
+    compiled: bool
+    channels_last: bool
+    threads: int
+    cuda_graph: bool = False  # each full-batch training step captured as one CUDA graph
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Hardware:
+        """Read a recorded resolution; keys of older or newer versions that this one lacks are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model spec trained with one recipe: a row of the comparison table."""
+
+    name: str  # shown in tables and the report, e.g. "convnet3" or "convnet3@lr=0.0003"
+    folder: str  # its folder in the run folder, derived from the name (safe_folder_name)
+    spec: ModelSpec
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One arm trained with one seed: the unit of work, with its own folder and status."""
+
+    arm: Arm
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm.name} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run trains, resolved: the arms, the seeds, the data and the hardware."""
+
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    data: DataSelection
+    hardware_request: HardwareRequest
+    hardware: Hardware
+    format_version: int = FORMAT_VERSION
+
+    def units(self) -> list[Unit]:
+        """Every unit, arm by arm, seed by seed (the order they train in)."""
+        return [Unit(arm, seed) for arm in self.arms for seed in self.seeds]
+
+    def arm(self, name: str) -> Arm:
+        """The arm called `name`."""
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as config.toml records it (specs are saved beside it, one per arm folder)."""
+        return {
+            "format_version": self.format_version,
+            "seeds": list(self.seeds),
+            "data": {k: v for k, v in dataclasses.asdict(self.data).items() if v is not None},
+            "hardware_request": dataclasses.asdict(self.hardware_request),
+            "hardware": dataclasses.asdict(self.hardware),
+            "arms": [
+                {"name": a.name, "folder": a.folder, "model": a.spec.name, "recipe": a.recipe.to_dict()}
+                for a in self.arms
+            ],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and arms
+
+
+def parse_seeds(seed: int, seeds: str | None) -> tuple[int, ...]:
+    """`--seed S` alone, or `--seeds N` (S..S+N-1) or `--seeds 0,1,2`: distinct non-negative seeds."""
+    if seeds is None:
+        values = [seed]
+    else:
+        try:
+            values = (
+                [int(s) for s in seeds.split(",") if s.strip()]
+                if "," in seeds
+                else list(range(seed, seed + int(seeds)))
+            )
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: give a count like 3 or a list like 0,1,2") from None
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"--seeds {seeds!r}: give a positive count or a list of distinct non-negative seeds")
+    if any(v < 0 for v in values):
+        raise ConfigError(
+            f"seeds must be non-negative, got {', '.join(str(v) for v in values if v < 0)}; "
+            "use --seed 0 or --seeds 0,1,2"
+        )
+    return tuple(values)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RESERVED_SUFFIXES = (".toml", ".json", ".csv", ".md", ".html", ".png", ".svg", ".pt", ".tmp")
+MAX_FOLDER_NAME = 64
+
+
+def safe_folder_name(name: str) -> str:
+    """A folder name derived from any name, never a path: letters, digits, '-', '_' and '.' only, at
+    most 64 characters, never '.' or '..' or hidden, never a run-level file's name. When anything had
+    to change, a short hash of the original is appended, so two different names never share a folder."""
+    safe = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", "-", _SAFE.sub("-", name))).strip("-").lstrip(".")
+    changed = safe != name or not safe or safe.lower().endswith(_RESERVED_SUFFIXES)
+    if not changed and len(safe) <= MAX_FOLDER_NAME:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    stem = safe[: MAX_FOLDER_NAME - len(digest) - 1].rstrip("-.") or "arm"
+    return f"{stem}-{digest}"
+
+
+def _format_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def make_arms(specs: Sequence[ModelSpec], recipes: Sequence[Recipe]) -> tuple[Arm, ...]:
+    """One arm per (model, recipe), model-major. With one recipe an arm is named after its model
+    (0.1's layout); otherwise the name adds what differs from the first recipe, e.g. `convnet3@lr=0.0003`."""
+    if not specs:
+        raise ConfigError("no model to train; name at least one built-in model or spec file")
+    if not recipes:
+        raise ConfigError("no recipe to train with")
+    if len(set(recipes)) != len(recipes):
+        raise ConfigError("two recipes are the same; every setting combination must differ")
+    arms: list[Arm] = []
+    for spec in specs:
+        for recipe in recipes:
+            changes = recipe.differences(recipes[0])
+            name = (
+                spec.name
+                if not changes
+                else (spec.name + "@" + ",".join(f"{label}={_format_value(value)}" for label, value in changes))
+            )
+            arms.append(Arm(name, safe_folder_name(name), spec, recipe))
+    seen: dict[str, Arm] = {}
+    for arm in arms:
+        twin = seen.get(arm.folder)
+        if twin is not None:
+            raise ConfigError(
+                f"two models are named '{arm.spec.name}' ({twin.spec.source} and {arm.spec.source}); "
+                "give one a different `name` in its spec"
+            )
+        seen[arm.folder] = arm
+    return tuple(arms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line that makes a plan again
+
+
+def reproduce_args(plan: RunPlan, model_args: Sequence[str]) -> list[str]:
+    """The `cnnlab compare` arguments that make this plan again (`model_args`: how to name each model)."""
+    recipe = plan.arms[0].recipe
+    args = ["cnnlab", "compare", *model_args, "--dataset", plan.data.dataset]
+    seeds = [str(s) for s in plan.seeds]
+    args += ["--seed", seeds[0]] if len(seeds) == 1 else ["--seeds", ",".join(seeds)]
+    for f in dataclasses.fields(Recipe):
+        if f.metadata["flag"]:
+            args += [f.metadata["flag"], _format_value(getattr(recipe, f.name))]
+    request = plan.hardware_request
+    args += ["--device", request.device, "--precision", request.precision, "--compile", request.compile]
+    if plan.data.limit_train is not None:
+        args += ["--limit-train", str(plan.data.limit_train)]
+    if plan.data.limit_test is not None:
+        args += ["--limit-test", str(plan.data.limit_test)]
+    if plan.data.val_split:
+        args += ["--val-split", repr(plan.data.val_split)]
+    if plan.data.data_dir:
+        args += ["--data-dir", plan.data.data_dir]
+    return args
+
+
+def reproduce_command(plan: RunPlan, model_args: Sequence[str]) -> str:
+    """`reproduce_args` as one shell-quoted line."""
+    return shlex.join(reproduce_args(plan, model_args))
+
+
+def recipe_is_expressible(plan: RunPlan) -> bool:
+    """Whether the command line can say this plan: one recipe, with default values for keys without a flag."""
+    recipes = {a.recipe for a in plan.arms}
+    if len(recipes) != 1:
+        return False
+    recipe, default = next(iter(recipes)), Recipe()
+    return all(
+        getattr(recipe, f.name) == getattr(default, f.name)
+        for f in dataclasses.fields(Recipe)
+        if not f.metadata["flag"]
+    )

@@ -1,0 +1,85 @@
+"""Turning a `HardwareRequest` into concrete choices for this machine, once per run.
+
+The choices and the measurements behind them are in BENCHMARKS.md: compilation and CUDA graphs
+pay for themselves on a GPU and not on the CPU; channels_last (NHWC, Keras's own layout) feeds the
+GPU's tensor cores and made convnet7's CPU step faster; bf16 is picked only where the hardware
+computes it natively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
+
+import torch
+
+from cnnlab.config import Hardware, HardwareRequest
+from cnnlab.errors import ConfigError
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without it is a user error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {requested}: no CUDA GPU is available to PyTorch here "
+                f"(torch {torch.__version__}); use --device cpu or auto"
+            )
+        index = torch.device(requested).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+        return torch.device(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{requested}'")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_hardware(request: HardwareRequest) -> Hardware:
+    """The request's `auto` choices made concrete for this machine."""
+    device = resolve_device(request.device)
+    on_cuda = device.type == "cuda"
+    if request.precision == "auto":
+        fast_bf16 = torch.cuda.is_bf16_supported() if on_cuda else cpu_has_fast_bf16()
+        precision = "bf16" if fast_bf16 else "fp32"
+    else:
+        precision = request.precision
+    compiled = request.compile == "on" or (request.compile == "auto" and on_cuda)
+    name = torch.cuda.get_device_name(device) if on_cuda else cpu_name()
+    return Hardware(
+        str(device),
+        name,
+        precision,
+        compiled,
+        channels_last=True,
+        threads=torch.get_num_threads(),
+        cuda_graph=compiled and on_cuda,
+    )
+
+
+def check_available(hardware: Hardware) -> torch.device:
+    """The recorded device, if this machine has it (a resumed run keeps its resolution)."""
+    device = torch.device(hardware.device)
+    if device.type == "cuda":
+        resolve_device(hardware.device)
+    return device
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -1,0 +1,150 @@
+"""Running a plan: every unit not finished yet is trained and its results written to the run folder.
+
+A unit's state is recorded as it goes (running, then finished; interrupted on Ctrl-C or SIGTERM;
+failed, with its error, when training raises at run time), so `--resume` knows what is left: a
+finished unit is kept, an interrupted or failed one continues from its last checkpoint, and the
+rest run as they would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from cnnlab.config import Hardware, RunPlan, Unit
+from cnnlab.datasets import Dataset
+from cnnlab.engine import CheckpointMismatch, DeviceData, Reporter, TrainResult, train
+from cnnlab.errors import CnnlabError, ConfigError, RunError
+from cnnlab.models import summarize
+from cnnlab.results import UnitResult, UnitStatus
+from cnnlab.runfolder import RunFolder, first_line
+
+MISTAKES_KEPT = 16
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run (or a resumed run) left: its finished units and the units that failed."""
+
+    results: list[UnitResult]
+    failed: list[tuple[Unit, str]]
+
+
+def check_fits(plan: RunPlan, dataset: Dataset) -> None:
+    """Every arm's model takes the dataset's images and has an output per class (else a ConfigError)."""
+    image_shape = tuple(dataset.train_images.shape[1:]) + ((1,) if dataset.train_images.dim() == 3 else ())
+    for arm in plan.arms:
+        spec = arm.spec
+        if tuple(spec.input_shape) != image_shape:
+            raise ConfigError(
+                f"{spec.source}: model '{spec.name}' expects input_shape {list(spec.input_shape)} but "
+                f"{plan.data.dataset} images are {list(image_shape)}; set input_shape = "
+                f"{list(image_shape)} in the spec"
+            )
+        if spec.num_classes < len(dataset.classes):
+            raise ConfigError(
+                f"{spec.source}: model '{spec.name}' has {spec.num_classes} outputs but "
+                f"{plan.data.dataset} has {len(dataset.classes)} classes; end the spec with "
+                f"Dense(units = {len(dataset.classes)})"
+            )
+
+
+def run_units(
+    folder: RunFolder,
+    plan: RunPlan,
+    data: DeviceData,
+    hardware: Hardware,
+    make_reporter: Callable[[Unit], Reporter] | None = None,
+) -> RunOutcome:
+    """Train every unit of the plan that is not finished; Ctrl-C marks the current one interrupted."""
+    folder.remove_partial_files()
+    device = torch.device(hardware.device)
+    failed: list[tuple[Unit, str]] = []
+    for unit in plan.units():
+        status = folder.status(unit)
+        if status.state == "finished":
+            continue
+        folder.set_status(unit, UnitStatus("running", status.epochs_done))
+        checkpoint = folder.checkpoint(unit, device)
+        try:
+            result = train(
+                unit.arm.spec,
+                unit.arm.recipe,
+                unit.seed,
+                data.splits(unit.seed),
+                hardware,
+                reporter=make_reporter(unit) if make_reporter else None,
+                checkpoint=checkpoint,
+            )
+        except CheckpointMismatch as exc:
+            folder.set_status(unit, status)
+            raise RunError(
+                f"{checkpoint.path} does not fit {unit.label} ({first_line(exc)}); delete it to train "
+                "this unit from its start, then resume again"
+            ) from None
+        except CnnlabError:
+            folder.set_status(unit, status)  # a damaged file: the unit stays as it was
+            raise
+        except KeyboardInterrupt:
+            folder.set_status(unit, UnitStatus("interrupted", folder.status(unit).epochs_done))
+            raise
+        except (RuntimeError, FloatingPointError, MemoryError) as exc:  # out of memory and the like, at run time
+            message = f"{type(exc).__name__}: {first_line(exc)}"
+            folder.set_status(unit, UnitStatus("failed", folder.status(unit).epochs_done, message))
+            failed.append((unit, message))
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        _save(folder, unit, result, data, hardware)
+    return RunOutcome(folder.results(plan), failed)
+
+
+def _save(folder: RunFolder, unit: Unit, result: TrainResult, data: DeviceData, hardware: Hardware) -> UnitResult:
+    labels = data.test_labels.cpu()
+    test = result.test
+    wrong = torch.nonzero(test.predictions != labels).flatten()
+    worst = wrong[test.confidences[wrong].argsort(descending=True, stable=True)[:MISTAKES_KEPT]]
+    mistakes = {
+        "indices": worst,
+        "images": data.test_images[worst.to(data.test_images.device)].cpu(),
+        "labels": labels[worst],
+        "predictions": test.predictions[worst],
+        "confidences": test.confidences[worst],
+    }
+    predictions = {"labels": labels, "predictions": test.predictions, "confidences": test.confidences}
+    return folder.save_result(
+        unit, result.history, unit_metrics(unit, result, hardware), result.model.state_dict(), predictions, mistakes
+    )
+
+
+def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[str, Any]:
+    """A finished unit's final numbers, as the notebook's table reports them and more."""
+    summary = summarize(unit.arm.spec)
+    history = result.history
+    train_time = sum(r.train_seconds for r in history)
+    samples = sum(r.samples_per_second * r.train_seconds for r in history)
+    throughput = samples / train_time if train_time else 0.0
+    return {
+        "arm": unit.arm.name,
+        "model": unit.arm.spec.name,
+        "seed": unit.seed,
+        "epochs": len(history),
+        # The notebook reports the best running training accuracy of any epoch.
+        "train_accuracy": max(r.accuracy for r in history),
+        "train_loss": history[-1].loss,
+        "test_loss": result.test.loss,
+        "test_accuracy": result.test.accuracy,
+        "wall_seconds": result.wall_seconds,
+        "train_seconds": train_time,
+        "seconds_per_epoch": result.wall_seconds / len(history),
+        "samples_per_second": throughput,
+        "params": summary.total_params,
+        "train_flops_per_sample": summary.training_flops,
+        "inference_flops_per_sample": summary.forward_flops,
+        "train_gflops_per_second": throughput * summary.training_flops / 1e9,
+        "hardware": asdict(hardware),
+    }
