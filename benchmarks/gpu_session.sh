@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# Correctness first (seconds): the learning rate and augmentation really change inside the CUDA graph.
+python3 benchmarks/gpu_checks.py --data-dir "$data" 2>&1 | tee "$out/gpu_checks.log" || true
 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
 # The same with cuDNN's autotuning, to decide whether cnnlab should turn it on by default.
 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" --cudnn-benchmark \

@@ -69,3 +69,22 @@ def learnable_tensors(count: int = 128, seed: int = 0) -> tuple[torch.Tensor, to
     """`count` learnable images and their labels as tensors (uint8 images, int64 labels)."""
     arrays = learnable_arrays(train=count, test=1, seed=seed)
     return torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]).long()
+
+
+# A small CNN spec that trains in a fraction of a second on the images above.
+SMALL_SPEC = """
+name = "small"
+input_shape = [28, 28, 1]
+[[layers]]
+type = "Conv2D"
+filters = 4
+kernel_size = 3
+strides = 2
+activation = "relu"
+[[layers]]
+type = "Flatten"
+[[layers]]
+type = "Dense"
+units = 10
+activation = "softmax"
+"""

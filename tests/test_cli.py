@@ -18,7 +18,7 @@ from cnnlab import api
 from cnnlab.cli import main
 from cnnlab.config import DataSelection, HardwareRequest, Recipe
 from cnnlab_cli import cnnlab_command, run_cnnlab
-from synthetic import learnable_arrays, write_dataset_folder
+from synthetic import SMALL_SPEC, learnable_arrays, write_dataset_folder
 
 COMMANDS = ["models", "summary", "convert", "datasets", "train", "compare", "evaluate", "report"]
 
@@ -209,22 +209,7 @@ def test_train_evaluate_report_on_generated_data(tmp_path):
     data = tmp_path / "data"
     write_dataset_folder(data / "mnist", learnable_arrays(512, 128))
     spec = tmp_path / "small.toml"
-    spec.write_text("""
-name = "small"
-input_shape = [28, 28, 1]
-[[layers]]
-type = "Conv2D"
-filters = 4
-kernel_size = 3
-strides = 2
-activation = "relu"
-[[layers]]
-type = "Flatten"
-[[layers]]
-type = "Dense"
-units = 10
-activation = "softmax"
-""")
+    spec.write_text(SMALL_SPEC)
     result = run_cnnlab(
         "train",
         str(spec),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from cnnlab.catalog import load_spec
@@ -40,7 +38,9 @@ def test_recipe_round_trips_and_refuses_unknown_keys():
     recipe = Recipe(epochs=3, learning_rate=3e-4)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert Recipe.from_dict({"epochs": 3}) == Recipe(epochs=3)  # missing keys take their default
-    with pytest.raises(ConfigError, match="config.toml: unknown recipe key 'bogus'; known keys: batch_size"):
+    with pytest.raises(
+        ConfigError, match="config.toml: unknown recipe key 'bogus'; known keys: augmentation, batch_size"
+    ):
         Recipe.from_dict({"bogus": 1}, source="config.toml")
 
 
@@ -164,40 +164,60 @@ def test_bad_seeds(seed, seeds, message):
 
 def test_reproduce_args_name_every_setting():
     from cnnlab.config import Hardware, RunPlan
+    from cnnlab.options import parse_option
 
-    arms = make_arms([load_spec("convnet7")], [Recipe(epochs=2, learning_rate=3e-4)])
+    recipe = Recipe(epochs=2, learning_rate=3e-4, optimizer="sgd", momentum=0.9, nesterov=True,
+                    schedule=parse_option("plateau:factor=0.5,patience=2", "schedule"),
+                    early_stopping=parse_option("patience=3,restore_best_weights=true", "early_stopping"),
+                    augmentation=parse_option("translate=0.1", "augmentation"))  # fmt: skip
+    arms = make_arms([load_spec("convnet7")], [recipe])
+    data = DataSelection("fashion-mnist", "/data", 100, None, 0.1, split_seed=4)
     plan = RunPlan(
-        arms,
-        (1, 2),
-        DataSelection("fashion-mnist", "/data", 100, None, 0.1),
-        HardwareRequest("cpu", "fp32", "off"),
-        Hardware("cpu", "x", "fp32", False, True, 2),
+        arms, (1, 2), data, HardwareRequest("cpu", "fp32", "off"), Hardware("cpu", "x", "fp32", False, True, 2)
     )
     assert reproduce_args(plan, ["convnet7"]) == [
-        "cnnlab",
-        "compare",
-        "convnet7",
-        "--dataset",
-        "fashion-mnist",
-        "--seeds",
-        "1,2",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "128",
-        "--lr",
-        "0.0003",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--compile",
-        "off",
-        "--limit-train",
-        "100",
-        "--val-split",
-        "0.1",
-        "--data-dir",
-        "/data",
-    ]
-    assert dataclasses.asdict(plan.data)["limit_test"] is None
+        "cnnlab", "compare", "convnet7", "--dataset", "fashion-mnist", "--seeds", "1,2", "--epochs", "2",
+        "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.0003", "--momentum", "0.9", "--nesterov",
+        "--schedule", "plateau:factor=0.5,patience=2", "--early-stopping", "patience=3,restore_best_weights=true",
+        "--augment", "height_shift=-0.1/0.1,width_shift=-0.1/0.1", "--device", "cpu", "--precision", "fp32",
+        "--compile", "off", "--limit-train", "100", "--val-split", "0.1", "--split-seed", "4", "--data-dir", "/data",
+    ]  # fmt: skip
+
+
+def test_options_that_choose_need_a_validation_split():
+    from cnnlab.config import check_no_choice_on_test
+    from cnnlab.options import parse_option
+
+    for option, text, flag in (("early_stopping", "patience=2", "--early-stopping"),
+                               ("best_checkpoint", "on", "--best-checkpoint"),
+                               ("schedule", "plateau", "--schedule plateau")):  # fmt: skip
+        recipe = Recipe(**{option: parse_option(text, option)})
+        with pytest.raises(ConfigError, match=f"^{flag} chooses by val_loss, and without --val-split"):
+            check_no_choice_on_test(recipe, DataSelection())
+        check_no_choice_on_test(recipe, DataSelection(val_split=0.1))  # held-out images: allowed
+    training_metric = Recipe(early_stopping=parse_option("monitor=loss,patience=2", "early_stopping"))
+    check_no_choice_on_test(training_metric, DataSelection())  # the training loss chooses nothing on the test set
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"optimizer": "adagrad"}, "--optimizer must be adam, sgd, rmsprop or adamw"),
+        ({"momentum": 0.9}, "--momentum applies to sgd and rmsprop, not adam"),
+        ({"optimizer": "rmsprop", "nesterov": True}, "--nesterov applies to sgd, not rmsprop"),
+        ({"rho": 0.5}, "--rho applies to rmsprop, not adam"),
+        ({"weight_decay": -1.0}, "--weight-decay must be a number >= 0"),
+        ({"schedule": "plateau"}, "--schedule must be a schedule option"),
+    ],
+)
+def test_optimizer_settings_are_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        Recipe(**fields)
+
+
+def test_each_optimizer_takes_its_keras_defaults():
+    assert (Recipe().learning_rate, Recipe().weight_decay) == (1e-3, 0.0)
+    assert Recipe(optimizer="sgd").learning_rate == 0.01
+    assert Recipe(optimizer="adamw").weight_decay == 0.004
+    assert Recipe(optimizer="adamw", weight_decay=0.0).weight_decay == 0.0
+    assert Recipe(optimizer="sgd") == Recipe(optimizer="sgd", learning_rate=0.01)  # resolved once, compared resolved

@@ -79,7 +79,7 @@ def test_a_0_1_folder_reads_as_one_arm_per_model(tmp_path):
     assert plan.format_version == 1
     assert [(a.name, a.folder) for a in plan.arms] == [("tiny_a", "tiny_a"), ("tiny_b", "tiny_b")]
     assert plan.seeds == (0, 1) and plan.arms[0].recipe == Recipe(epochs=2, batch_size=64)
-    assert plan.data == DataSelection("mnist", "/tmp/fx/data")
+    assert plan.data == DataSelection("mnist", "/tmp/fx/data", split="per-seed")  # 0.1's own validation split
     assert plan.hardware_request == HardwareRequest(precision="fp32")
     assert plan.hardware == Hardware("cpu", "AMD EPYC", "fp32", False, True, 2)  # from the units' metrics
     assert [(r.arm, r.seed) for r in RunFolder(run).results(plan)] == [

@@ -19,7 +19,17 @@ from cnnlab.errors import RunError
 from cnnlab.models import summarize
 from cnnlab.results import UnitResult
 from cnnlab.runfolder import RunFolder
-from cnnlab.stats import ArmStats, Comparison, arm_stats, confusion_matrix, group_by_arm, pairwise, per_class_accuracy
+from cnnlab.stats import (
+    ArmStats,
+    Choice,
+    Comparison,
+    arm_stats,
+    choose_best,
+    confusion_matrix,
+    group_by_arm,
+    pairwise,
+    per_class_accuracy,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class ArmDetails:
     training_flops: int
     confusion: np.ndarray  # (classes, classes) counts summed over seeds; rows are true classes
     mistakes: Mistakes | None  # of the first seed that recorded them
+    augmented: tuple[np.ndarray, np.ndarray] | None = None  # (originals, augmented) uint8, with augmentation
+    scheduled: bool = False  # the learning rate changes (a schedule): the report plots it
 
     @property
     def per_class_accuracy(self) -> np.ndarray:
@@ -76,6 +88,7 @@ class RunAnalysis:
     classes: tuple[str, ...]
     unfinished: list[UnfinishedUnit]
     hardware: Hardware | None
+    choice: Choice | None  # the best arm, by the rule against choosing on the test set
     command: str | None  # `cnnlab compare ...` that makes the plan again; None if the CLI cannot say it
     environment: dict[str, Any]
     config_text: str
@@ -112,6 +125,7 @@ def analyze(folder: RunFolder) -> RunAnalysis:
         classes=classes,
         unfinished=unfinished,
         hardware=hardware,
+        choice=choose_best(results, on_validation=plan.data.val_split > 0),
         command=_reproduce(folder, plan),
         environment=folder.environment(),
         config_text=config_path.read_text(encoding="utf-8"),
@@ -142,9 +156,12 @@ def arm_details(
             )
     arm = units[0].arm
     summary = summarize(arm.spec)
+    examples = folder.augmented(units[0])
+    augmented = (examples["originals"].numpy(), examples["augmented"].numpy()) if examples else None
     return ArmDetails(
-        arm.name, arm.folder, list(results), summary.forward_flops, summary.training_flops, confusion, mistakes
-    )
+        arm.name, arm.folder, list(results), summary.forward_flops, summary.training_flops, confusion, mistakes,
+        augmented, scheduled=arm.recipe.schedule is not None,
+    )  # fmt: skip
 
 
 def _reproduce(folder: RunFolder, plan: RunPlan) -> str | None:

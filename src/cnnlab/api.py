@@ -30,6 +30,7 @@ from cnnlab.config import (
     Recipe,
     RunPlan,
     Unit,
+    check_no_choice_on_test,
     make_arms,
 )
 from cnnlab.datasets import Dataset, default_cache_dir, load_dataset
@@ -38,7 +39,15 @@ from cnnlab.engine import evaluate as evaluate_model
 from cnnlab.errors import ConfigError
 from cnnlab.hardware import check_available, resolve_device, resolve_hardware
 from cnnlab.memory import check_fits_in_memory
-from cnnlab.plots import CURVES, confusion_figure, curve_path, mistakes_figure, write_plots
+from cnnlab.plots import (
+    CURVES,
+    confusion_figure,
+    curve_path,
+    image_grid_figure,
+    learning_rate_figure,
+    mistakes_figure,
+    write_plots,
+)
 from cnnlab.report import Figures, render_html, render_markdown
 from cnnlab.runfolder import RunFolder
 from cnnlab.runner import RunOutcome, check_fits, run_units
@@ -78,6 +87,8 @@ def plan_run(
         or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
     ):
         raise ConfigError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    for recipe in recipes:
+        check_no_choice_on_test(recipe, data)
     return RunPlan(make_arms(specs, tuple(recipes)), seeds, data, hardware, resolve_hardware(hardware))
 
 
@@ -190,9 +201,9 @@ def report(run_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
     folder = RunFolder.open(Path(run_dir))
     analysis = analyze(folder)
     files = [
-        folder.write_text("comparison.md", comparison_markdown(analysis.rows, analysis.comparisons)),
+        folder.write_text("comparison.md", comparison_markdown(analysis.rows, analysis.comparisons, analysis.choice)),
         folder.write_text("comparison.csv", comparison_csv(analysis.rows)),
-        folder.write_json("comparison.json", comparison_json(analysis.rows, analysis.comparisons)),
+        folder.write_json("comparison.json", comparison_json(analysis.rows, analysis.comparisons, analysis.choice)),
     ]
     folders = {d.name: d.folder for d in analysis.details}
     files += write_plots(folder.path, analysis.results, folders, image_format)
@@ -218,7 +229,13 @@ def report(run_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
                 f"{d.name}: most confident mistakes{seed_note}",
                 folder.output(f"mistakes_{d.folder}.{image_format}"),
             )
-        files += [arm["confusion"]] + ([arm["mistakes"]] if "mistakes" in arm else [])
+        if d.scheduled:
+            arm["learning_rate"] = learning_rate_figure(d.units, folder.output(f"lr_{d.folder}.{image_format}"))
+        if d.augmented is not None:
+            arm["augmented"] = image_grid_figure(
+                *d.augmented, f"{d.name}: augmentation", folder.output(f"augmented_{d.folder}.{image_format}")
+            )
+        files += [path for key, path in arm.items() if key not in CURVES]
         figures.arms[d.name] = arm
     files.append(folder.write_text("report.html", render_html(analysis, figures)))
     files.append(folder.write_text("report.md", render_markdown(analysis, figures)))

@@ -42,9 +42,65 @@ DataDirOpt = Annotated[
         help="Folder with one sub-folder per dataset (mnist/, fashion-mnist/, kmnist/) of IDX files; no download.",
     ),
 ]
-EpochsOpt = Annotated[int, typer.Option("--epochs", "-e", help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Training batch size.")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Adam learning rate (betas 0.9/0.999, epsilon 1e-7 as Keras).")]
+# Recipe options default to None: unset, they take the --recipe file's value, else the notebook's recipe.
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", help="Training epochs. Default: 12.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Training batch size. Default: 128.")]
+OptimizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer",
+        help="adam, sgd, rmsprop or adamw, with Keras 3's update rules and defaults (Adam: betas 0.9/0.999, "
+        "epsilon 1e-7). Default: adam.",
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", help="Learning rate (initial, with --schedule). Default: Keras's: 0.01 sgd, 0.001 others."),
+]
+MomentumOpt = Annotated[float | None, typer.Option("--momentum", help="Momentum of sgd or rmsprop. Default: 0.")]
+NesterovOpt = Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")]
+RhoOpt = Annotated[float | None, typer.Option("--rho", help="rmsprop's discounting factor. Default: 0.9.")]
+WeightDecayOpt = Annotated[
+    float | None,
+    typer.Option("--weight-decay", help="Decoupled weight decay (Keras's weight_decay). Default: 0.004 adamw, 0."),
+]
+ScheduleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        help="Learning-rate schedule (Keras's): exponential:decay_steps=N,decay_rate=R[,staircase=true] | "
+        "piecewise:boundaries=B1/B2,values=V0/V1/V2 | cosine:decay_steps=N[,alpha=A,warmup_target=LR,"
+        "warmup_steps=W] | plateau[:factor=0.1,patience=10,cooldown=0,min_lr=0,min_delta=1e-4,monitor=val_loss].",
+    ),
+]
+EarlyStoppingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--early-stopping",
+        help="Keras's EarlyStopping: patience=3[,monitor=val_loss,min_delta=0,mode=auto,baseline=,"
+        "restore_best_weights=true,start_from_epoch=0], or on. Needs --val-split.",
+    ),
+]
+BestCheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--best-checkpoint",
+        help="Keep the best epoch's weights (Keras's ModelCheckpoint save_best_only): on, or "
+        "monitor=val_accuracy[,mode=max]. Needs --val-split.",
+    ),
+]
+AugmentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--augment",
+        help="Augment training batches on the device (Keras's RandomTranslation, RandomRotation, RandomZoom): "
+        "translate=0.1,rotate=0.05,zoom=0.1[,fill_mode=reflect,interpolation=bilinear,fill_value=0].",
+    ),
+]
+RecipeFileOpt = Annotated[
+    Path | None,
+    typer.Option("--recipe", help="A TOML file of recipe keys (options given here override it); see README."),
+]
 SeedOpt = Annotated[
     int, typer.Option("--seed", help="Seed of weights, shuffling and dropout (first seed with --seeds).")
 ]
@@ -70,8 +126,13 @@ LimitTrainOpt = Annotated[int | None, typer.Option("--limit-train", help="Use on
 LimitTestOpt = Annotated[int | None, typer.Option("--limit-test", help="Use only the first N test images.")]
 ValSplitOpt = Annotated[
     float,
-    typer.Option("--val-split", help="Validate on this fraction of the training split instead of the test split."),
+    typer.Option(
+        "--val-split",
+        help="Hold out this fraction of the training images (stratified, the same for every model and seed) "
+        "for validation instead of the test split; the test split is then reported once, at the end.",
+    ),
 ]
+SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the held-out validation images.")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Figure format: png or svg.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
@@ -96,46 +157,62 @@ def _root(
 # train and compare
 
 
-def _train(
-    *,
-    models: list[str],
-    name: str,
-    dataset: str,
-    data_dir: Path | None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    seeds: str | None,
-    device: str,
-    precision: str,
-    compile_: str,
-    limit_train: int | None,
-    limit_test: int | None,
-    val_split: float,
-    runs_dir: Path,
-    image_format: str,
-) -> None:
+# CLI parameter -> recipe key, for the recipe options.
+RECIPE_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "learning_rate",
+                  "momentum": "momentum", "nesterov": "nesterov", "rho": "rho", "weight_decay": "weight_decay",
+                  "schedule": "schedule", "early_stopping": "early_stopping", "best_checkpoint": "best_checkpoint",
+                  "augment": "augmentation"}  # fmt: skip
+
+
+def _recipe(recipe_file: Path | None, options: dict[str, object]):
+    """The recipe: the --recipe file's keys, then every option given on the command line."""
+    import tomllib
+
+    from cnnlab.config import OPTION_KEYS, Recipe
+    from cnnlab.errors import ConfigError
+    from cnnlab.options import option_to_dict, parse_option
+
+    raw: dict[str, object] = {}
+    source = "the command line"
+    if recipe_file is not None:
+        source = str(recipe_file)
+        try:
+            raw = tomllib.loads(recipe_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--recipe {recipe_file}: cannot be read ({exc}); give a TOML file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{recipe_file}: not valid TOML ({exc}); fix the syntax") from None
+    for option, key in RECIPE_OPTIONS.items():
+        value = options[option]
+        if value is None:
+            continue
+        raw[key] = option_to_dict(parse_option(value, key)) if key in OPTION_KEYS else value
+    return Recipe.from_dict(raw, source=source)
+
+
+def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
     """`train` and `compare`: options into a plan, then prepare, train and report."""
     from cnnlab.api import check_image_format, plan_run, prepare
-    from cnnlab.config import DataSelection, HardwareRequest, Recipe, parse_seeds
+    from cnnlab.config import DataSelection, HardwareRequest, parse_seeds
 
-    check_image_format(image_format)
+    check_image_format(options["image_format"])
+    data_dir = options["data_dir"]
     plan = plan_run(
         models,
-        recipes=[Recipe(epochs=epochs, batch_size=batch_size, learning_rate=lr)],
-        seeds=parse_seeds(seed, seeds),
+        recipes=[_recipe(options["recipe_file"], options)],
+        seeds=parse_seeds(options["seed"], options["seeds"]),
         data=DataSelection(
-            dataset=dataset,
+            dataset=options["dataset"],
             data_dir=str(data_dir) if data_dir else None,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            val_split=val_split,
+            limit_train=options["limit_train"],
+            limit_test=options["limit_test"],
+            val_split=options["val_split"],
+            split_seed=options["split_seed"],
         ),
-        hardware=HardwareRequest(device=device, precision=precision, compile=compile_),
+        hardware=HardwareRequest(device=options["device"], precision=options["precision"], compile=options["compile_"]),
     )
-    prepared = prepare(plan, runs_dir=runs_dir, name=name, progress=console.is_terminal)
-    _execute_and_show(prepared, image_format)
+    prepared = prepare(plan, runs_dir=options["runs_dir"], name=name, progress=console.is_terminal)
+    _execute_and_show(prepared, options["image_format"])
 
 
 def _resume(run_dir: Path, data_dir: Path | None, image_format: str) -> None:
@@ -167,6 +244,7 @@ def _execute_and_show(prepared, image_format: str) -> None:
                 prepared, make_reporter=lambda unit: make_reporter(unit.label if multi_seed else unit.arm.name, console)
             )
         except KeyboardInterrupt as exc:
+            prepared.folder.remove_partial_files()  # a write the signal cut short
             err_console.print(
                 f"Interrupted. The partial run is in {prepared.folder}; finish it with "
                 f"`cnnlab compare --resume {prepared.folder}`.",
@@ -208,6 +286,8 @@ def _show_report(run_dir: Path, image_format: str) -> None:
     summary = write_report(run_dir, image_format=image_format)
     console.print(rich_table(summary.rows, title=escape(f"Comparison ({run_dir.name})")))
     console.print(statistics_note(summary.rows, summary.comparisons), highlight=False, markup=False)
+    if summary.analysis.choice is not None:
+        console.print(summary.analysis.choice.sentence(), highlight=False, markup=False)
     for comparison in summary.comparisons:
         console.print("- " + comparison.sentence(), highlight=False, markup=False)
     console.print(f"Results written to {run_dir}/", highlight=False, markup=False)
@@ -219,9 +299,19 @@ def train(
     model: Annotated[str, typer.Argument(help="A built-in model name or a spec file (.toml, .json, Keras JSON).")],
     dataset: DatasetOpt = "mnist",
     data_dir: DataDirOpt = None,
-    epochs: EpochsOpt = 12,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 1e-3,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    optimizer: OptimizerOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    nesterov: NesterovOpt = None,
+    rho: RhoOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    schedule: ScheduleOpt = None,
+    early_stopping: EarlyStoppingOpt = None,
+    best_checkpoint: BestCheckpointOpt = None,
+    augment: AugmentOpt = None,
+    recipe_file: RecipeFileOpt = None,
     seed: SeedOpt = 0,
     seeds: SeedsOpt = None,
     device: DeviceOpt = "auto",
@@ -230,6 +320,7 @@ def train(
     limit_train: LimitTrainOpt = None,
     limit_test: LimitTestOpt = None,
     val_split: ValSplitOpt = 0.0,
+    split_seed: SplitSeedOpt = 0,
     runs_dir: RunsDirOpt = Path("runs"),
     image_format: FormatOpt = "png",
     debug: DebugOpt = False,
@@ -238,25 +329,8 @@ def train(
 
     Example: cnnlab train convnet7 --epochs 2 --data-dir ../shared/data
     """
-    _train(
-        models=[model],
-        name=Path(model).stem,
-        dataset=dataset,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        seeds=seeds,
-        device=device,
-        precision=precision,
-        compile_=compile_,
-        limit_train=limit_train,
-        limit_test=limit_test,
-        val_split=val_split,
-        runs_dir=runs_dir,
-        image_format=image_format,
-    )
+    options = dict(locals())  # every option, by name, for the shared body
+    _train(models=[model], name=Path(model).stem, options=options)
 
 
 @app.command()
@@ -267,9 +341,19 @@ def compare(
     ] = None,
     dataset: DatasetOpt = "mnist",
     data_dir: DataDirOpt = None,
-    epochs: EpochsOpt = 12,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 1e-3,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    optimizer: OptimizerOpt = None,
+    lr: LrOpt = None,
+    momentum: MomentumOpt = None,
+    nesterov: NesterovOpt = None,
+    rho: RhoOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    schedule: ScheduleOpt = None,
+    early_stopping: EarlyStoppingOpt = None,
+    best_checkpoint: BestCheckpointOpt = None,
+    augment: AugmentOpt = None,
+    recipe_file: RecipeFileOpt = None,
     seed: SeedOpt = 0,
     seeds: SeedsOpt = None,
     device: DeviceOpt = "auto",
@@ -278,6 +362,7 @@ def compare(
     limit_train: LimitTrainOpt = None,
     limit_test: LimitTestOpt = None,
     val_split: ValSplitOpt = 0.0,
+    split_seed: SplitSeedOpt = 0,
     runs_dir: RunsDirOpt = Path("runs"),
     image_format: FormatOpt = "png",
     resume: Annotated[
@@ -292,25 +377,8 @@ def compare(
     if resume is not None:
         _resume(resume, data_dir, image_format)
         return
-    _train(
-        models=models or DEFAULT_MODELS,
-        name="compare",
-        dataset=dataset,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        seeds=seeds,
-        device=device,
-        precision=precision,
-        compile_=compile_,
-        limit_train=limit_train,
-        limit_test=limit_test,
-        val_split=val_split,
-        runs_dir=runs_dir,
-        image_format=image_format,
-    )
+    options = dict(locals())  # every option, by name, for the shared body
+    _train(models=models or DEFAULT_MODELS, name="compare", options=options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,11 +22,23 @@ import hashlib
 import math
 import re
 import shlex
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cnnlab.errors import ConfigError
+from cnnlab.options import (
+    OPTION_FLAGS,
+    Augmentation,
+    BestCheckpoint,
+    EarlyStopping,
+    ReduceLROnPlateau,
+    Schedule,
+    option_from_dict,
+    option_to_dict,
+    option_to_text,
+)
 from cnnlab.spec import ModelSpec
 
 FORMAT_VERSION = 2  # config.toml's layout; 0.1's had none and is read as version 1
@@ -46,6 +58,22 @@ def _unit_interval(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
 
 
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)
+
+
+# Keras 3's optimizers and their default learning rates (keras.optimizers.SGD defaults to 0.01).
+OPTIMIZERS = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3, "adamw": 1e-3}
+ADAMW_WEIGHT_DECAY = 0.004  # keras.optimizers.AdamW's default; the others default to none
+# Recipe keys that hold an option of options.py, and its type.
+OPTION_KEYS = {"schedule": Schedule, "early_stopping": EarlyStopping, "best_checkpoint": BestCheckpoint,
+               "augmentation": Augmentation}  # fmt: skip
+
+
 def _key(
     default: Any, check: Callable[[Any], bool], must: str, flag: str | None = None, label: str | None = None
 ) -> Any:
@@ -59,21 +87,67 @@ class Recipe:
 
     epochs: int = _key(12, _positive_int, "be an integer >= 1", "--epochs", "epochs")
     batch_size: int = _key(128, _positive_int, "be an integer >= 1", "--batch-size", "batch")
-    learning_rate: float = _key(1e-3, _positive, "be a positive number", "--lr", "lr")
+    optimizer: str = _key("adam", lambda v: v in OPTIMIZERS, "be adam, sgd, rmsprop or adamw", "--optimizer", "opt")
+    # None takes the optimizer's Keras default (resolved when the recipe is made).
+    learning_rate: float | None = _key(None, _positive, "be a positive number", "--lr", "lr")
     beta_1: float = _key(0.9, _unit_interval, "be in (0, 1)", label="beta_1")
     beta_2: float = _key(0.999, _unit_interval, "be in (0, 1)", label="beta_2")
     epsilon: float = _key(1e-7, _positive, "be a positive number", label="epsilon")  # Keras's (PyTorch: 1e-8)
+    momentum: float = _key(0.0, _fraction, "be in [0, 1)", "--momentum", "momentum")  # sgd, rmsprop
+    nesterov: bool = _key(False, lambda v: isinstance(v, bool), "be true or false", "--nesterov", "nesterov")
+    rho: float = _key(0.9, _unit_interval, "be in (0, 1)", "--rho", "rho")  # rmsprop
+    # Decoupled weight decay (Keras's `weight_decay`); None: 0.004 for adamw, none for the others.
+    weight_decay: float | None = _key(None, _non_negative, "be a number >= 0", "--weight-decay", "wd")
+    schedule: Schedule | None = _key(None, lambda v: True, "", "--schedule", "schedule")
+    early_stopping: EarlyStopping | None = _key(None, lambda v: True, "", "--early-stopping", "early_stopping")
+    best_checkpoint: BestCheckpoint | None = _key(None, lambda v: True, "", "--best-checkpoint", "best")
+    augmentation: Augmentation | None = _key(None, lambda v: True, "", "--augment", "augment")
     eval_batch_size: int = _key(1000, _positive_int, "be an integer >= 1", label="eval_batch")
 
     def __post_init__(self) -> None:
+        if self.learning_rate is None and self.optimizer in OPTIMIZERS:
+            object.__setattr__(self, "learning_rate", OPTIMIZERS[self.optimizer])
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else 0.0)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not f.metadata["check"](value):
+            if f.name in OPTION_KEYS:
+                if value is not None and not isinstance(
+                    value, typing.get_args(OPTION_KEYS[f.name]) or OPTION_KEYS[f.name]
+                ):
+                    raise ConfigError(f"{_where(f)} must be a {f.name.replace('_', ' ')} option, got {value!r}")
+            elif not f.metadata["check"](value):
                 raise ConfigError(f"{_where(f)} must {f.metadata['must']}, got {value!r}")
+        if self.momentum and self.optimizer not in ("sgd", "rmsprop"):
+            raise ConfigError(f"--momentum applies to sgd and rmsprop, not {self.optimizer}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError(f"--nesterov applies to sgd, not {self.optimizer}")
+        if self.rho != 0.9 and self.optimizer != "rmsprop":
+            raise ConfigError(f"--rho applies to rmsprop, not {self.optimizer}")
+
+    @property
+    def chooses_on(self) -> list[tuple[str, str]]:
+        """(flag, monitor) of every option that chooses an epoch or a learning rate by a validation
+        metric: with the test split as validation, each would be choosing on the test set."""
+        chosen = [(OPTION_FLAGS["early_stopping"], self.early_stopping),
+                  (OPTION_FLAGS["best_checkpoint"], self.best_checkpoint)]  # fmt: skip
+        if isinstance(self.schedule, ReduceLROnPlateau):
+            chosen.append(("--schedule plateau", self.schedule))
+        return [
+            (flag, option.monitor)
+            for flag, option in chosen
+            if option is not None and option.monitor.startswith("val_")
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key with its value (the run folder records them all)."""
-        return dataclasses.asdict(self)
+        """Every key with its value (the run folder records them all); options as tables, None left out."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            data[f.name] = option_to_dict(value) if f.name in OPTION_KEYS else value
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
@@ -82,15 +156,23 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown recipe key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
-        return cls(**dict(data))
+        values = {k: option_from_dict(v, k, source) if k in OPTION_KEYS else v for k, v in data.items()}
+        return cls(**values)
 
     def differences(self, other: Recipe) -> list[tuple[str, Any]]:
         """(label, value) of every key where this recipe differs from `other`, in field order."""
         return [
-            (f.metadata["label"] or f.name, getattr(self, f.name))
+            (f.metadata["label"] or f.name, _show(getattr(self, f.name)))
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def _show(value: Any) -> Any:
+    """A recipe value as an arm's name shows it: options as their command-line text."""
+    if dataclasses.is_dataclass(value):
+        return option_to_text(value)
+    return value
 
 
 def _where(f: dataclasses.Field) -> str:
@@ -106,8 +188,16 @@ class DataSelection:
     limit_train: int | None = None  # the first N training images
     limit_test: int | None = None  # the first N test images
     val_split: float = 0.0  # > 0: validate on this fraction of the training split, not on the test split
+    split_seed: int = 0  # draws the held-out images, once per run: the same for every arm and seed
+    # "stratified": each class held out in proportion, drawn once per run from split_seed (0.2);
+    # "per-seed": cnnlab 0.1's split, a random draw from each unit's seed (its run folders keep it).
+    split: str = "stratified"
 
     def __post_init__(self) -> None:
+        if self.split not in ("stratified", "per-seed"):
+            raise ConfigError(f"the validation split must be stratified or per-seed, got {self.split!r}")
+        if not (isinstance(self.split_seed, int) and not isinstance(self.split_seed, bool) and self.split_seed >= 0):
+            raise ConfigError(f"--split-seed must be an integer >= 0, got {self.split_seed!r}")
         for name, flag in (("limit_train", "--limit-train"), ("limit_test", "--limit-test")):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
@@ -215,6 +305,18 @@ class RunPlan:
 # Seeds and arms
 
 
+def check_no_choice_on_test(recipe: Recipe, data: DataSelection) -> None:
+    """The rule against choosing on the test set: an option that picks an epoch or a learning rate by
+    a validation metric needs validation data other than the test split."""
+    if data.val_split > 0:
+        return
+    for flag, monitor in recipe.chooses_on:
+        raise ConfigError(
+            f"{flag} chooses by {monitor}, and without --val-split the validation data is the test split: that "
+            "would be choosing on the test set; hold out part of the training images with --val-split 0.1"
+        )
+
+
 def parse_seeds(seed: int, seeds: str | None) -> tuple[int, ...]:
     """`--seed S` alone, or `--seeds N` (S..S+N-1) or `--seeds 0,1,2`: distinct non-negative seeds."""
     if seeds is None:
@@ -295,15 +397,25 @@ def make_arms(specs: Sequence[ModelSpec], recipes: Sequence[Recipe]) -> tuple[Ar
 # The command line that makes a plan again
 
 
+ALWAYS_SHOWN = ("epochs", "batch_size", "learning_rate")
+
+
 def reproduce_args(plan: RunPlan, model_args: Sequence[str]) -> list[str]:
     """The `cnnlab compare` arguments that make this plan again (`model_args`: how to name each model)."""
     recipe = plan.arms[0].recipe
     args = ["cnnlab", "compare", *model_args, "--dataset", plan.data.dataset]
     seeds = [str(s) for s in plan.seeds]
     args += ["--seed", seeds[0]] if len(seeds) == 1 else ["--seeds", ",".join(seeds)]
+    defaults = Recipe(optimizer=recipe.optimizer)  # the optimizer's own defaults need no flag
     for f in dataclasses.fields(Recipe):
-        if f.metadata["flag"]:
-            args += [f.metadata["flag"], _format_value(getattr(recipe, f.name))]
+        flag, value = f.metadata["flag"], getattr(recipe, f.name)
+        default = getattr(Recipe() if f.name == "optimizer" else defaults, f.name)
+        if not flag or (f.name not in ALWAYS_SHOWN and value == default):
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, option_to_text(value) if dataclasses.is_dataclass(value) else _format_value(value)]
     request = plan.hardware_request
     args += ["--device", request.device, "--precision", request.precision, "--compile", request.compile]
     if plan.data.limit_train is not None:
@@ -311,7 +423,7 @@ def reproduce_args(plan: RunPlan, model_args: Sequence[str]) -> list[str]:
     if plan.data.limit_test is not None:
         args += ["--limit-test", str(plan.data.limit_test)]
     if plan.data.val_split:
-        args += ["--val-split", repr(plan.data.val_split)]
+        args += ["--val-split", repr(plan.data.val_split), "--split-seed", str(plan.data.split_seed)]
     if plan.data.data_dir:
         args += ["--data-dir", plan.data.data_dir]
     return args
@@ -325,7 +437,7 @@ def reproduce_command(plan: RunPlan, model_args: Sequence[str]) -> str:
 def recipe_is_expressible(plan: RunPlan) -> bool:
     """Whether the command line can say this plan: one recipe, with default values for keys without a flag."""
     recipes = {a.recipe for a in plan.arms}
-    if len(recipes) != 1:
+    if len(recipes) != 1 or (plan.data.val_split and plan.data.split != "stratified"):
         return False
     recipe, default = next(iter(recipes)), Recipe()
     return all(

@@ -19,12 +19,16 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from cnnlab.augment import augment
+from cnnlab.callbacks import BestTracker, EarlyStopper, PlateauScheduler
 from cnnlab.config import DataSelection, Hardware, Recipe
 from cnnlab.datasets import Dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import SequentialNet, build_model
-from cnnlab.optim import KerasAdam
+from cnnlab.optim import learning_rate, make_optimizer, set_learning_rate
+from cnnlab.options import Augmentation, ReduceLROnPlateau
 from cnnlab.results import EpochRecord
+from cnnlab.schedules import learning_rate_at
 from cnnlab.spec import ModelSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +49,11 @@ class Splits:
 
 
 class DeviceData:
-    """A run's data, limited as its `DataSelection` says and moved to the device once for all units."""
+    """A run's data, limited as its `DataSelection` says and moved to the device once for all units.
+
+    With a validation split, the held-out images are drawn once per run from the selection's split
+    seed, stratified by class, so every arm and seed validates on the same images (run folders of
+    cnnlab 0.1 keep their split: a random draw from each unit's seed)."""
 
     def __init__(self, dataset: Dataset, selection: DataSelection, device: torch.device) -> None:
         train_images, train_labels = dataset.train_images, dataset.train_labels
@@ -56,35 +64,25 @@ class DeviceData:
             test_images, test_labels = test_images[: selection.limit_test], test_labels[: selection.limit_test]
         if len(train_images) == 0 or len(test_images) == 0:
             raise ConfigError("no training or test images left after the limits")
-        self.val_split = selection.val_split
+        self.selection = selection
         self.validation_count = 0
-        if self.val_split > 0:
-            self.validation_count = int(round(len(train_images) * self.val_split))
+        if selection.val_split > 0:
+            self.validation_count = int(round(len(train_images) * selection.val_split))
             if self.validation_count < 1 or self.validation_count >= len(train_images):
                 raise ConfigError(
-                    f"--val-split {self.val_split} leaves {self.validation_count} of "
+                    f"--val-split {selection.val_split} leaves {self.validation_count} of "
                     f"{len(train_images)} training images for validation; choose a fraction "
                     "that keeps both sides non-empty"
                 )
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         self.train_images, self.train_labels = move(train_images), move(train_labels.long())
         self.test_images, self.test_labels = move(test_images), move(test_labels.long())
+        self.shared_split: Splits | None = None
+        if self.validation_count and selection.split == "stratified":
+            val_index, train_index = stratified_split(train_labels.long(), self.validation_count, selection.split_seed)
+            self.shared_split = self._split(move(val_index), move(train_index))
 
-    def splits(self, seed: int) -> Splits:
-        """The unit's splits: with a validation split, its held-out images are drawn from the seed."""
-        if not self.val_split:
-            return Splits(
-                self.train_images,
-                self.train_labels,
-                self.test_images,
-                self.test_labels,
-                self.test_images,
-                self.test_labels,
-                val_is_test=True,
-            )
-        order = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))
-        order = order.to(self.train_images.device)
-        val_index, train_index = order[: self.validation_count], order[self.validation_count :]
+    def _split(self, val_index: torch.Tensor, train_index: torch.Tensor) -> Splits:
         return Splits(
             self.train_images[train_index],
             self.train_labels[train_index],
@@ -94,6 +92,44 @@ class DeviceData:
             self.test_labels,
             val_is_test=False,
         )
+
+    def splits(self, seed: int) -> Splits:
+        """The unit's splits: validation on the run's held-out images, or on the test split without one."""
+        if not self.validation_count:
+            return Splits(
+                self.train_images,
+                self.train_labels,
+                self.test_images,
+                self.test_labels,
+                self.test_images,
+                self.test_labels,
+                val_is_test=True,
+            )
+        if self.shared_split is not None:
+            return self.shared_split
+        order = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))
+        order = order.to(self.train_images.device)
+        return self._split(order[: self.validation_count], order[self.validation_count :])
+
+
+def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` indices held out with every class in proportion (largest remainders settle the
+    rounding), drawn from `seed`; returns (held-out, kept), each in ascending order."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    classes, sizes = labels.unique(return_counts=True)
+    quotas = sizes.double() * count / len(labels)
+    taken = quotas.floor().long()
+    remainders = quotas - taken
+    extra = count - int(taken.sum())
+    taken[remainders.argsort(descending=True, stable=True)[:extra]] += 1
+    held_out = []
+    shuffled = labels[order]
+    for label, quota in zip(classes.tolist(), taken.tolist()):
+        held_out.append(order[shuffled == label][:quota])
+    val_index = torch.cat(held_out).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_index] = False
+    return val_index, keep.nonzero().flatten()
 
 
 def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -179,9 +215,10 @@ class TrainStep:
         images: torch.Tensor,
         labels: torch.Tensor,
         compile_mode: str = "default",
+        augmentation: Augmentation | None = None,
     ) -> None:
         self.optimizer, self.hardware, self.images, self.labels = optimizer, hardware, images, labels
-        self.compile_mode = compile_mode
+        self.compile_mode, self.augmentation = compile_mode, augmentation
         self.totals = torch.zeros(2, device=images.device)  # [sum of losses, number correct]
         self.forward, self.optimizer_step = model, optimizer.step
         if hardware.compiled:
@@ -202,6 +239,8 @@ class TrainStep:
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         x = to_input(self.images[index], self.hardware.channels_last)
+        if self.augmentation is not None:
+            x = augment(x, self.augmentation)  # random draws from the unit's forked generator
         y = self.labels[index]
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.hardware):
@@ -232,8 +271,9 @@ class GraphedTrainStep(TrainStep):
         labels: torch.Tensor,
         batch_size: int,
         compile_mode: str = "default",
+        augmentation: Augmentation | None = None,
     ) -> None:
-        super().__init__(model, optimizer, hardware, images, labels, compile_mode)
+        super().__init__(model, optimizer, hardware, images, labels, compile_mode, augmentation)
         self.model = model
         self.static_index = torch.zeros(batch_size, dtype=torch.long, device=images.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -278,14 +318,16 @@ def build_train_step(
     labels: torch.Tensor,
     batch_size: int,
     compile_mode: str = "default",
+    augmentation: Augmentation | None = None,
 ) -> TrainStep:
-    """The training step `hardware` asks for: captured as a CUDA graph, compiled, or eager.
+    """The training step `hardware` asks for: captured as a CUDA graph, compiled, or eager; with
+    `augmentation`, each batch is augmented on the device first.
 
     `compile_mode` is torch.compile's mode when compiled (benchmarks compare modes with it).
     """
     if hardware.cuda_graph:
-        return GraphedTrainStep(model, optimizer, hardware, images, labels, batch_size, compile_mode)
-    return TrainStep(model, optimizer, hardware, images, labels, compile_mode)
+        return GraphedTrainStep(model, optimizer, hardware, images, labels, batch_size, compile_mode, augmentation)
+    return TrainStep(model, optimizer, hardware, images, labels, compile_mode, augmentation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +340,7 @@ class Reporter(Protocol):
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
     def update(self, step: int, samples: int, loss: float, accuracy: float) -> None: ...
     def end_epoch(self, record: EpochRecord) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class SilentReporter:
@@ -312,6 +355,9 @@ class SilentReporter:
     def end_epoch(self, record: EpochRecord) -> None:
         pass
 
+    def note(self, text: str) -> None:
+        pass
+
 
 class Checkpoint(Protocol):
     """Where a unit's training state goes after every epoch (the run folder keeps it atomically)."""
@@ -322,16 +368,66 @@ class Checkpoint(Protocol):
 
 @dataclass
 class TrainResult:
-    """A finished unit: its history, its test evaluation and the trained model."""
+    """A finished unit: its history, its test evaluation and the trained model, and what the
+    epoch-end options decided (the best epoch's weights, an early stop and its reason)."""
 
     history: list[EpochRecord]
     test: Evaluation
     model: SequentialNet = field(repr=False)
+    best_epoch: int | None = None  # 1-based, with a best checkpoint
+    best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    stopped_epoch: int | None = None  # 1-based: the last epoch trained, when early stopping ended training
+    stop_reason: str | None = None
+    restored_epoch: int | None = None  # 1-based: the epoch whose weights early stopping restored
 
     @property
     def wall_seconds(self) -> float:
         """Training and validation time over all epochs (compilation included where it happens)."""
         return sum(r.train_seconds + r.val_seconds for r in self.history)
+
+
+class EpochEnd:
+    """The recipe's epoch-end options, as Keras's callbacks: a plateau schedule, early stopping and
+    the best checkpoint, each deciding from the epoch's metrics; their state goes into checkpoints."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        plateau = recipe.schedule if isinstance(recipe.schedule, ReduceLROnPlateau) else None
+        self.plateau = PlateauScheduler(plateau) if plateau else None
+        self.stopper = EarlyStopper(recipe.early_stopping) if recipe.early_stopping else None
+        self.best = BestTracker(recipe.best_checkpoint) if recipe.best_checkpoint else None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stopped = False
+
+    def __call__(self, epoch: int, record: EpochRecord, model: torch.nn.Module, optimizer) -> None:
+        """After epoch `epoch` (1-based): update the learning rate, the best weights, the stop flag."""
+        logs = {"loss": record.loss, "accuracy": record.accuracy, "val_loss": record.val_loss,
+                "val_accuracy": record.val_accuracy}  # fmt: skip
+        if self.plateau is not None:
+            set_learning_rate(optimizer, self.plateau.on_epoch_end(epoch - 1, logs, learning_rate(optimizer)))
+        if self.best is not None and self.best.on_epoch_end(epoch - 1, logs):
+            self.best_weights = _copy(model.state_dict())
+        if self.stopper is not None:
+            self.stopped = self.stopper.on_epoch_end(epoch - 1, logs, lambda: _copy(model.state_dict()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "stopper": self.stopper.state_dict() if self.stopper else None,
+            "best": self.best.state_dict() if self.best else None,
+            "best_weights": self.best_weights,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("plateau", "stopper", "best"):
+            part = getattr(self, name)
+            if part is not None:
+                part.load_state_dict(state[name])
+        self.best_weights, self.stopped = state["best_weights"], state["stopped"]
+
+
+def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in weights.items()}
 
 
 def train(
@@ -353,53 +449,66 @@ def train(
     device = torch.device(hardware.device)
     reporter = reporter or SilentReporter()
     with _forked_rng(device):
-        torch.manual_seed(seed)  # dropout draws from PyTorch's generator, forked for the unit
+        torch.manual_seed(seed)  # dropout and augmentation draw from PyTorch's generator, forked for the unit
         model = (build or new_model)(spec, seed, hardware)
-        optimizer = KerasAdam(
-            model.parameters(),
-            lr=recipe.learning_rate,
-            beta_1=recipe.beta_1,
-            beta_2=recipe.beta_2,
-            epsilon=recipe.epsilon,
-        )  # made after the move to the device
+        optimizer = make_optimizer(model.parameters(), recipe)  # made after the move to the device
         shuffle = torch.Generator().manual_seed(seed + 1)
+        epoch_end = EpochEnd(recipe)
         state = checkpoint.load() if checkpoint is not None else None
-        history = _restore(state, model, optimizer, shuffle, device) if state else []
+        history = _restore(state, model, optimizer, shuffle, epoch_end, device) if state else []
         step = build_train_step(
-            model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size, compile_mode
-        )
+            model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size, compile_mode,
+            recipe.augmentation,
+        )  # fmt: skip
         validation: Evaluation | None = None
         for epoch in range(len(history) + 1, recipe.epochs + 1):
-            train_seconds = _train_epoch(step, model, shuffle, recipe, epoch, reporter)
+            if epoch_end.stopped:
+                break
+            train_seconds = _train_epoch(step, model, shuffle, recipe, epoch, reporter, optimizer)
             started = time.perf_counter()
             validation = evaluate(model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size)
             loss_sum, correct = step.totals.tolist()
             n_train = len(splits.train_images)
             record = EpochRecord(
-                epoch,
-                loss_sum / n_train,
-                correct / n_train,
-                validation.loss,
-                validation.accuracy,
-                train_seconds,
-                time.perf_counter() - started,
-                n_train / train_seconds,
-            )
+                epoch, loss_sum / n_train, correct / n_train, validation.loss, validation.accuracy, train_seconds,
+                time.perf_counter() - started, n_train / train_seconds, learning_rate(optimizer),
+            )  # fmt: skip
             history.append(record)
             reporter.end_epoch(record)
+            epoch_end(epoch, record, model, optimizer)
             if checkpoint is not None:
-                checkpoint.save(_state(model, optimizer, history, shuffle, device))
+                checkpoint.save(_state(model, optimizer, history, shuffle, epoch_end, device))
+        result = TrainResult(history, validation, model)  # the test evaluation is set below
+        if epoch_end.stopper is not None:
+            if epoch_end.stopped:
+                result.stopped_epoch, result.stop_reason = len(history), epoch_end.stopper.reason()
+                reporter.note(f"early stopping after epoch {len(history)}: {result.stop_reason}")
+            restored = epoch_end.stopper.restore()
+            if restored is not None:
+                model.load_state_dict(restored)
+                result.restored_epoch, validation = epoch_end.stopper.best_epoch + 1, None
+        if epoch_end.best is not None and epoch_end.best.best_epoch is not None:
+            result.best_epoch, result.best_weights = epoch_end.best.best_epoch + 1, epoch_end.best_weights
         if splits.val_is_test and validation is not None:
-            test = validation  # validated on the test split: its last validation is the test score
+            result.test = validation  # validated on the test split: its last validation is the test score
         else:
-            test = evaluate(model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size)
-    return TrainResult(history=history, test=test, model=model)
+            result.test = evaluate(model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size)
+    return result
 
 
 def _train_epoch(
-    step: TrainStep, model: torch.nn.Module, shuffle: torch.Generator, recipe: Recipe, epoch: int, reporter: Reporter
+    step: TrainStep,
+    model: torch.nn.Module,
+    shuffle: torch.Generator,
+    recipe: Recipe,
+    epoch: int,
+    reporter: Reporter,
+    optimizer: torch.optim.Optimizer,
 ) -> float:
-    """One pass over the shuffled training images; returns its seconds (the device synchronised)."""
+    """One pass over the shuffled training images; returns its seconds (the device synchronised).
+
+    A step-wise schedule sets each step's learning rate from the number of steps before it, as
+    Keras evaluates its schedule at the optimizer's iteration count."""
     model.train()
     n_train = len(step.images)
     steps = math.ceil(n_train / recipe.batch_size)
@@ -407,8 +516,11 @@ def _train_epoch(
     device = step.images.device
     order = torch.randperm(n_train, generator=shuffle).to(device)
     step.reset()
+    stepwise = recipe.schedule if not isinstance(recipe.schedule, ReduceLROnPlateau) else None
     started = last_report = time.perf_counter()
     for i in range(steps):
+        if stepwise is not None:
+            set_learning_rate(optimizer, learning_rate_at(stepwise, recipe.learning_rate, (epoch - 1) * steps + i))
         step(order[i * recipe.batch_size : (i + 1) * recipe.batch_size])
         now = time.perf_counter()
         if now - last_report > 0.5 or i == steps - 1:  # a host sync at most twice a second
@@ -432,11 +544,14 @@ def _state(
     optimizer: torch.optim.Optimizer,
     history: list[EpochRecord],
     shuffle: torch.Generator,
+    epoch_end: EpochEnd,
     device: torch.device,
 ) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "learning_rate": learning_rate(optimizer),
+        "epoch_end": epoch_end.state_dict(),
         "history": [asdict(r) for r in history],
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -453,11 +568,15 @@ def _restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     shuffle: torch.Generator,
+    epoch_end: EpochEnd,
     device: torch.device,
 ) -> list[EpochRecord]:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "learning_rate" in state:  # checkpoints of cnnlab 0.1 have neither
+            set_learning_rate(optimizer, state["learning_rate"])
+            epoch_end.load_state_dict(state["epoch_end"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)

@@ -27,10 +27,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise _write_error(path, exc) from None
-    os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-    try:
+    try:  # everything after mkstemp: an interrupt anywhere here leaves no temporary file
+        os.close(fd)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as exc:

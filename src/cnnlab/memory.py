@@ -38,6 +38,7 @@ the profiler measures for the built-in models (tests/test_memory.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -420,7 +421,11 @@ def estimate_training_memory(
         precision=hardware.precision,
         parameters=FP32 * (trainable + non_trainable),
         gradients=gradients,
-        optimizer_state=2 * FP32 * trainable + FP32 * tensors,
+        # Moments per parameter (Adam and AdamW two, SGD one with momentum, RMSprop one or two), step counters,
+        # and a copy of the weights when the best epoch's are kept (best checkpoint, restore_best_weights).
+        optimizer_state=_slots(recipe) * FP32 * trainable
+        + FP32 * tensors
+        + _kept_copies(recipe) * FP32 * (trainable + non_trainable),
         dataset=dataset,
         activations=activations,
         weight_copies=weight_copies,
@@ -631,14 +636,14 @@ def _refusal(
     parts = [
         f"parameters {b(estimate.parameters)}",
         f"gradients {b(estimate.gradients)}",
-        f"Adam state {b(estimate.optimizer_state)}",
+        f"optimizer state {b(estimate.optimizer_state)}",
         f"activations {b(estimate.activations)}",
     ]
     if estimate.weight_copies * 100 >= estimate.total:
         parts.append(f"bf16 weight copies {b(estimate.weight_copies)}")
     phase = estimate.peak_phase
     if phase == "update":
-        parts.append(f"Adam's update temporaries {b(2 * estimate.gradients)}")
+        parts.append(f"the update's temporaries {b(2 * estimate.gradients)}")
     elif phase == "evaluation":
         parts.append(f"evaluation at batch size {estimate.eval_batch_size:,} {b(estimate.evaluation)}")
     if estimate.dataset * 100 >= estimate.total:
@@ -676,7 +681,7 @@ def _advice(
     """A smaller --batch-size that fits, if one does; else what does not fit even at batch size 1."""
 
     def estimate_at(batch: int) -> MemoryEstimate:
-        smaller = Recipe(**{**recipe.to_dict(), "batch_size": batch})
+        smaller = dataclasses.replace(recipe, batch_size=batch)
         return estimate_training_memory(spec, smaller, hardware, train, test, validation_images=validation)
 
     smallest = estimate_at(1)
@@ -693,3 +698,18 @@ def _advice(
             "eval_batch_size in the recipe"
         )
     return "use a smaller model (fewer units or filters, or a pooling layer before the Dense layers)"
+
+
+def _slots(recipe: Recipe) -> int:
+    """Parameter-sized state tensors the recipe's optimizer keeps (optim.py's Keras optimizers)."""
+    if recipe.optimizer in ("adam", "adamw"):
+        return 2
+    if recipe.optimizer == "rmsprop":
+        return 1 + (recipe.momentum > 0)
+    return int(recipe.momentum > 0)
+
+
+def _kept_copies(recipe: Recipe) -> int:
+    """Copies of the weights the epoch-end options keep: the best checkpoint's and early stopping's."""
+    stopping = recipe.early_stopping is not None and recipe.early_stopping.restore_best_weights
+    return int(recipe.best_checkpoint is not None) + int(stopping)

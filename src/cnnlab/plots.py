@@ -163,3 +163,34 @@ def mistakes_figure(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(h_pad=2.2)
     return save_figure(fig, path)
+
+
+def learning_rate_figure(units: Sequence[UnitResult], path: Path) -> Path:
+    """One arm's learning rate at the end of each epoch (log scale; seeds overlaid)."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for unit in units:
+        epochs = [r.epoch for r in unit.history]
+        ax.plot(epochs, [r.learning_rate for r in unit.history], marker="o", markersize=3, alpha=0.7,
+                label=f"seed {unit.seed}")  # fmt: skip
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=f"{units[0].arm}: learning rate", xlabel="Epoch", ylabel="Learning rate")
+    if len(units) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def image_grid_figure(originals: np.ndarray, augmented: np.ndarray, title: str, path: Path) -> Path:
+    """Training images (top row) and augmented versions of them (rows below), uint8 (N, H, W)."""
+    columns = len(originals)
+    rows = 1 + len(augmented) // max(columns, 1)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.15 * rows + 0.5), squeeze=False)
+    images = np.concatenate([originals, augmented])
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        ax.axis("off")
+    axes[0, 0].set_title("original", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

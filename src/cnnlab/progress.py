@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TextIO
 
@@ -18,6 +19,7 @@ def epoch_line(label: str, record: EpochRecord, epochs: int) -> str:
         f"{label} epoch {record.epoch}/{epochs} - {record.train_seconds + record.val_seconds:.1f}s - "
         f"loss: {record.loss:.4f} - accuracy: {record.accuracy:.4f} - val_loss: {record.val_loss:.4f} - "
         f"val_accuracy: {record.val_accuracy:.4f} - {record.samples_per_second:,.0f} samples/s"
+        + ("" if math.isnan(record.learning_rate) else f" - learning_rate: {record.learning_rate:.4g}")
     )
 
 
@@ -35,6 +37,9 @@ class PlainReporter:
 
     def end_epoch(self, record: EpochRecord) -> None:
         print(epoch_line(self.label, record, self.epochs), file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"{self.label}: {text}", file=self.stream, flush=True)
 
 
 class RichReporter:
@@ -71,6 +76,9 @@ class RichReporter:
             self.progress.stop()
             self.progress = None
         self.console.print(epoch_line(self.label, record, self.epochs), highlight=False, markup=False)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"{self.label}: {text}", highlight=False, markup=False)
 
 
 def make_reporter(label: str, console: Console) -> PlainReporter | RichReporter:

@@ -147,6 +147,7 @@ figure { margin: 0; padding: 10px; border: 1px solid var(--border); border-radiu
 figure img { display: block; width: 100%; height: auto; }
 figcaption { margin-top: 6px; color: var(--muted); font-size: 13px; }
 .note { color: var(--muted); font-size: 13.5px; }
+.choice { font-weight: 600; }
 pre { background: var(--alt); border: 1px solid var(--border); border-radius: 6px; padding: 10px 12px;
       overflow-x: auto; font-size: 13px; white-space: pre-wrap; word-break: break-all; }
 code { font-family: ui-monospace, SFMono-Regular, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
@@ -193,6 +194,11 @@ def _figure(path: Path, caption: str) -> str:
     )
 
 
+def _augmented_caption(d: ArmDetails) -> str:
+    return (f"{d.name}: training images (top row) and random augmentations of them as training saw them "
+            "(a fresh draw for the report)")  # fmt: skip
+
+
 def _verdict_class(c: Comparison) -> str:
     return "significant" if c.significant else ("not-significant" if c.testable else "untested")
 
@@ -205,6 +211,8 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
         comparison_headers(report.rows), comparison_rows(report.rows), text_columns=comparison_text_columns(report.rows)
     )
     body += f'<p class="note">{_escape(statistics_note(report.rows, report.comparisons))}</p>'
+    if report.choice is not None:
+        body += f'<p class="choice">{_escape(report.choice.sentence())}</p>'
     if report.comparisons:
         items = "".join(f'<li class="{_verdict_class(c)}">{_escape(c.sentence())}</li>' for c in report.comparisons)
         headers, rows = pairwise_table(report.comparisons)
@@ -240,9 +248,16 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
             f'<h3>{_escape(d.name)}</h3><div class="figures pair">'
             + _figure(figures.arms[d.name]["loss"], f"{d.name}: loss per epoch{note}")
             + _figure(figures.arms[d.name]["accuracy"], f"{d.name}: accuracy per epoch{note}")
+            + (_figure(figures.arms[d.name]["learning_rate"], f"{d.name}: learning rate at the end of each epoch")
+               if "learning_rate" in figures.arms[d.name] else "")
             + "</div>"
-        )
+        )  # fmt: skip
     sections.append(("curves", "Learning curves", "".join(curves)))
+
+    augmented = [_figure(figures.arms[d.name]["augmented"], _augmented_caption(d)) for d in report.details
+                 if "augmented" in figures.arms[d.name]]  # fmt: skip
+    if augmented:
+        sections.append(("augmentation", "Augmentation", f'<div class="figures wide">{"".join(augmented)}</div>'))
 
     confusions = "".join(_figure(figures.arms[d.name]["confusion"], _confusion_caption(d)) for d in report.details)
     headers, rows = per_class_table(report.details, report.classes)
@@ -336,6 +351,8 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
         )
     )
     out.append(statistics_note(report.rows, report.comparisons) + "\n")
+    if report.choice is not None:
+        out.append(f"**{report.choice.sentence()}**\n")
     if report.comparisons:
         out.append("### Pairwise comparisons\n")
         out += [f"- {c.sentence()}" for c in report.comparisons]
@@ -356,6 +373,11 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
             + " "
             + _md_image(arm["accuracy"], base, f"{d.name} accuracy")
         )
+        if "learning_rate" in arm:
+            out.append(_md_image(arm["learning_rate"], base, f"{d.name} learning rate"))
+        if "augmented" in arm:
+            out.append(f"{_augmented_caption(d)}.\n")
+            out.append(_md_image(arm["augmented"], base, f"{d.name} augmented images"))
     out.append("## Confusion matrices\n")
     for d in report.details:
         out.append(_md_image(figures.arms[d.name]["confusion"], base, _confusion_caption(d)))

@@ -6,6 +6,7 @@ them; none of those needs the others to know them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ class EpochRecord:
     train_seconds: float
     val_seconds: float
     samples_per_second: float
+    learning_rate: float = math.nan  # at the epoch's end, as Keras logs it (NaN in histories of cnnlab 0.1)
 
 
 HISTORY_FIELDS = list(EpochRecord.__dataclass_fields__)

@@ -6,8 +6,10 @@ Layout of `runs/<timestamp>-<name>/`:
     environment.json         versions, device and its name, threads, git commit, the command
     <arm>/spec.toml          the arm's model spec, as trained
     <arm>/seed-<n>/status.json     pending, running, interrupted, failed (with its error) or finished
-    <arm>/seed-<n>/history.csv, history.json, metrics.json, weights.pt, predictions.pt,
-                   mistakes.pt (the test images it gets wrong with the highest confidence)
+    <arm>/seed-<n>/history.csv, history.json, metrics.json, weights.pt, best_weights.pt (with a best
+                   checkpoint: the best epoch's weights; metrics.json's best_epoch says which), predictions.pt,
+                   mistakes.pt (the test images it gets wrong with the highest confidence),
+                   augmented.pt (with augmentation: training images and augmented versions of them)
     <arm>/seed-<n>/checkpoint.pt   (while training; removed when the unit is finished)
     comparison.{md,csv,json}, figures, report.{html,md}   (written by the report)
 
@@ -183,6 +185,7 @@ class RunFolder:
         data = DataSelection(
             dataset=config["dataset"],
             data_dir=config.get("data_dir"),
+            split="per-seed",  # 0.1 drew the held-out images from each unit's seed
             **{k: train.pop(k) for k in ("limit_train", "limit_test", "val_split") if k in train},
         )
         recipe = Recipe.from_dict(train, source=str(self.path / CONFIG))
@@ -254,6 +257,8 @@ class RunFolder:
         weights: dict[str, torch.Tensor],
         predictions: dict[str, torch.Tensor],
         mistakes: dict[str, torch.Tensor] | None,
+        best_weights: dict[str, torch.Tensor] | None = None,
+        augmented: dict[str, torch.Tensor] | None = None,
     ) -> UnitResult:
         """Write a finished unit: history, weights, predictions, mistakes, then metrics.json (last)."""
         folder = self.unit_dir(unit)
@@ -263,6 +268,10 @@ class RunFolder:
         save_torch(folder / "predictions.pt", predictions)
         if mistakes is not None:
             save_torch(folder / "mistakes.pt", mistakes)
+        if best_weights is not None:  # the best epoch's weights (metrics.json says which epoch)
+            save_torch(folder / "best_weights.pt", {k: v.cpu() for k, v in best_weights.items()})
+        if augmented is not None:
+            save_torch(folder / "augmented.pt", augmented)
         write_json(folder / FINISHED_MARK, metrics)
         self.set_status(unit, UnitStatus("finished", len(history)))
         (folder / "checkpoint.pt").unlink(missing_ok=True)
@@ -300,6 +309,11 @@ class RunFolder:
     def predictions(self, unit: Unit) -> dict[str, torch.Tensor]:
         """A finished unit's test labels, predictions and confidences."""
         return _tensor_dict(self.unit_dir(unit) / "predictions.pt", ("labels", "predictions", "confidences"))
+
+    def augmented(self, unit: Unit) -> dict[str, torch.Tensor] | None:
+        """Training images and augmented versions of them, for units trained with augmentation."""
+        path = self.unit_dir(unit) / "augmented.pt"
+        return _tensor_dict(path, ("originals", "augmented")) if path.exists() else None
 
     def mistakes(self, unit: Unit) -> dict[str, torch.Tensor] | None:
         """The test images a finished unit got wrong with the highest confidence, if recorded."""

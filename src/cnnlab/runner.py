@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cnnlab.augment import augmented_examples
 from cnnlab.config import Hardware, RunPlan, Unit
 from cnnlab.datasets import Dataset
 from cnnlab.engine import CheckpointMismatch, DeviceData, Reporter, TrainResult, train
@@ -23,6 +24,7 @@ from cnnlab.results import UnitResult, UnitStatus
 from cnnlab.runfolder import RunFolder, first_line
 
 MISTAKES_KEPT = 16
+EXAMPLES = 8  # training images shown with their augmented versions
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,23 @@ def _save(folder: RunFolder, unit: Unit, result: TrainResult, data: DeviceData, 
         "confidences": test.confidences[worst],
     }
     predictions = {"labels": labels, "predictions": test.predictions, "confidences": test.confidences}
+    examples = None
+    if unit.arm.recipe.augmentation is not None:  # what augmentation does, for the report
+        originals = data.splits(unit.seed).train_images[:EXAMPLES].cpu()
+        augmented = augmented_examples(originals.repeat(2, *([1] * (originals.dim() - 1))),
+                                       unit.arm.recipe.augmentation, 2 * len(originals), seed=unit.seed)  # fmt: skip
+        examples = {"originals": originals, "augmented": augmented}
     return folder.save_result(
-        unit, result.history, unit_metrics(unit, result, hardware), result.model.state_dict(), predictions, mistakes
-    )
+        unit, result.history, unit_metrics(unit, result, hardware), result.model.state_dict(), predictions, mistakes,
+        best_weights=result.best_weights, augmented=examples,
+    )  # fmt: skip
 
 
 def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[str, Any]:
     """A finished unit's final numbers, as the notebook's table reports them and more."""
     summary = summarize(unit.arm.spec)
     history = result.history
+    final = history[(result.restored_epoch or len(history)) - 1]
     train_time = sum(r.train_seconds for r in history)
     samples = sum(r.samples_per_second * r.train_seconds for r in history)
     throughput = samples / train_time if train_time else 0.0
@@ -136,6 +146,9 @@ def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[st
         # The notebook reports the best running training accuracy of any epoch.
         "train_accuracy": max(r.accuracy for r in history),
         "train_loss": history[-1].loss,
+        # Validation of the final weights (the restored epoch's with restore_best_weights).
+        "val_loss": final.val_loss,
+        "val_accuracy": final.val_accuracy,
         "test_loss": result.test.loss,
         "test_accuracy": result.test.accuracy,
         "wall_seconds": result.wall_seconds,
@@ -147,4 +160,9 @@ def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[st
         "inference_flops_per_sample": summary.forward_flops,
         "train_gflops_per_second": throughput * summary.training_flops / 1e9,
         "hardware": asdict(hardware),
+        # What the recipe's epoch-end options decided (None where the recipe has none).
+        "best_epoch": result.best_epoch,
+        "stopped_epoch": result.stopped_epoch,
+        "stop_reason": result.stop_reason,
+        "restored_epoch": result.restored_epoch,
     }

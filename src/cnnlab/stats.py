@@ -249,3 +249,45 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
     totals = confusion.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, np.diag(confusion) / totals, np.nan)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The best arm, chosen by the rule against choosing on the test set."""
+
+    arm: str
+    metric: str  # "validation accuracy" or "test accuracy"
+    value: float  # its mean over the arm's seeds
+    on_test: bool
+
+    def sentence(self) -> str:
+        if self.on_test:
+            return (
+                f"Best: {self.arm}, by mean test accuracy {self.value:.4f}: chosen on the test set (optimistic; "
+                "with --val-split the choice is made on held-out training images instead)"
+            )
+        return (
+            f"Best: {self.arm}, by mean validation accuracy {self.value:.4f} on held-out training images "
+            "(its test accuracy was not used to choose it)"
+        )
+
+
+def choose_best(units: Sequence[UnitResult], on_validation: bool) -> Choice | None:
+    """The arm with the best mean accuracy: validation accuracy when the run held out validation
+    images, otherwise test accuracy, labelled as chosen on the test set. None with one arm."""
+    groups = group_by_arm(units)
+    if len(groups) < 2:
+        return None
+
+    def score(unit: UnitResult) -> float:
+        if not on_validation:
+            return unit.test_accuracy
+        return unit.metrics.get("val_accuracy", unit.history[-1].val_accuracy)
+
+    means = {arm: float(np.mean([score(u) for u in group])) for arm, group in groups.items()}
+    valid = {arm: value for arm, value in means.items() if not math.isnan(value)}
+    if not valid:
+        return None
+    best = max(valid, key=lambda arm: valid[arm])
+    metric = "validation accuracy" if on_validation else "test accuracy"
+    return Choice(best, metric, valid[best], on_test=not on_validation)

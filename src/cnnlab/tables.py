@@ -18,7 +18,7 @@ from rich.text import Text
 
 from cnnlab.analysis import ArmDetails
 from cnnlab.models import format_flops
-from cnnlab.stats import ArmStats, Comparison
+from cnnlab.stats import ArmStats, Choice, Comparison
 
 Rows = list[list[str]]
 
@@ -125,9 +125,11 @@ def statistics_note(rows: Sequence[ArmStats], comparisons: Sequence[Comparison])
     return note
 
 
-def comparison_markdown(rows: Sequence[ArmStats], comparisons: Sequence[Comparison]) -> str:
-    """comparison.md: the table, what its numbers are, then the verdicts."""
-    verdicts = "".join(f"- {c.sentence()}\n" for c in comparisons)
+def comparison_markdown(
+    rows: Sequence[ArmStats], comparisons: Sequence[Comparison], choice: Choice | None = None
+) -> str:
+    """comparison.md: the table, what its numbers are, the best arm, then the verdicts."""
+    verdicts = (f"- {choice.sentence()}\n" if choice else "") + "".join(f"- {c.sentence()}\n" for c in comparisons)
     table = markdown_table(comparison_headers(rows), comparison_rows(rows), comparison_text_columns(rows))
     return table + f"\n{statistics_note(rows, comparisons)}\n" + (f"\n{verdicts}" if verdicts else "")
 
@@ -178,8 +180,10 @@ def comparison_csv(rows: Sequence[ArmStats]) -> str:
     return out.getvalue()
 
 
-def comparison_json(rows: Sequence[ArmStats], comparisons: Sequence[Comparison]) -> dict[str, Any]:
-    """comparison.json: the records and every pairwise test."""
+def comparison_json(
+    rows: Sequence[ArmStats], comparisons: Sequence[Comparison], choice: Choice | None = None
+) -> dict[str, Any]:
+    """comparison.json: the records, the best arm and how it was chosen, and every pairwise test."""
     family = max((c.family for c in comparisons if c.testable), default=0)
     return {
         "models": records(rows),
@@ -193,6 +197,7 @@ def comparison_json(rows: Sequence[ArmStats], comparisons: Sequence[Comparison])
             "difference_intervals": "95%, unadjusted",
             "note": statistics_note(rows, comparisons),
         },
+        "best": None if choice is None else dict(asdict(choice), sentence=choice.sentence()),
         "pairwise": [
             dict(asdict(c), testable=c.testable, significant=c.significant, sentence=c.sentence()) for c in comparisons
         ],
