@@ -8,22 +8,29 @@
     summary = run(plan, runs_dir="runs")
     print(summary.folder, [row.test_accuracy.mean for row in summary.rows])
 
+`combine([run_a, run_b], out_dir)` builds one comparison of several run folders tested on the same
+images into a new run folder, and reports it.
+
 The command line does exactly this: it parses options into the same frozen dataclasses, calls
 these functions by keyword and renders what they return.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from cnnlab.analysis import RunAnalysis, analyze
+from cnnlab.analysis import RunAnalysis, analyze, check_combinable
 from cnnlab.catalog import load_spec
 from cnnlab.config import (
     IMAGE_FORMATS,
+    Arm,
     DataSelection,
     Hardware,
     HardwareRequest,
@@ -32,12 +39,14 @@ from cnnlab.config import (
     Unit,
     check_no_choice_on_test,
     make_arms,
+    safe_folder_name,
 )
-from cnnlab.datasets import Dataset, default_cache_dir, load_dataset
+from cnnlab.datasets import Dataset
 from cnnlab.engine import DeviceData, Reporter, new_model
 from cnnlab.engine import evaluate as evaluate_model
-from cnnlab.errors import ConfigError
+from cnnlab.errors import ConfigError, RunError
 from cnnlab.hardware import check_available, resolve_device, resolve_hardware
+from cnnlab.image_folders import load_selection
 from cnnlab.memory import check_fits_in_memory
 from cnnlab.plots import (
     CURVES,
@@ -46,16 +55,19 @@ from cnnlab.plots import (
     image_grid_figure,
     learning_rate_figure,
     mistakes_figure,
+    settings_figure,
     write_plots,
 )
 from cnnlab.report import Figures, render_html, render_markdown
 from cnnlab.runfolder import RunFolder
-from cnnlab.runner import RunOutcome, check_fits, run_units
+from cnnlab.runner import RunOutcome, UnitOutcome, check_fits, run_units
 from cnnlab.spec import ModelSpec
 from cnnlab.stats import ArmStats, Comparison
+from cnnlab.sweep import load_sweep
 from cnnlab.tables import comparison_csv, comparison_json, comparison_markdown
 
 ReporterFactory = Callable[[Unit], Reporter]
+BACKENDS = ("local", "ray")
 
 
 def check_image_format(image_format: str) -> str:
@@ -108,9 +120,9 @@ class PreparedRun:
 
 
 def load_data(selection: DataSelection, *, progress: bool = False) -> Dataset:
-    """The selection's dataset, from its folder or the download cache."""
-    data_dir = Path(selection.data_dir) if selection.data_dir else None
-    return load_dataset(selection.dataset, data_dir=data_dir, cache_dir=default_cache_dir(), progress=progress)
+    """The selection's dataset, from its folder or the download cache; a folder dataset (`folder:PATH`,
+    one subfolder of images per class) with its split in `Dataset.recorded`, for the plan to record."""
+    return load_selection(selection, progress=progress)
 
 
 def prepare(
@@ -120,6 +132,7 @@ def prepare(
 
     Everything that can be refused is refused before the folder exists."""
     dataset = load_data(plan.data, progress=progress)
+    plan = dataclasses.replace(plan, data=dataset.recorded or plan.data)  # a folder dataset's split, recorded
     check_fits(plan, dataset)
     check_fits_in_memory(plan, dataset)
     data = DeviceData(dataset, plan.data, check_available(plan.hardware))
@@ -132,9 +145,12 @@ def prepare_resume(run_dir: Path | str, *, data_dir: Path | str | None = None, p
     """Open an interrupted run folder with the hardware it recorded (0.1 folders: resolved now)."""
     folder = RunFolder.open(Path(run_dir))
     plan = folder.read_plan()
+    if folder.read_sources() is not None:
+        raise RunError(f"{folder} combines other run folders' results and trains nothing; resume those instead")
     folder.check_writable()
     hardware = plan.hardware or resolve_hardware(plan.hardware_request)
-    selection = plan.data if data_dir is None else DataSelection(**{**plan.data.__dict__, "data_dir": str(data_dir)})
+    selection = _recorded_data(plan.data, data_dir)
+    plan = dataclasses.replace(plan, data=selection)  # workers (Ray) read the data from the same folder
     dataset = load_data(selection, progress=progress)
     check_fits(plan, dataset)
     check_fits_in_memory(plan, dataset, hardware)
@@ -142,9 +158,49 @@ def prepare_resume(run_dir: Path | str, *, data_dir: Path | str | None = None, p
     return PreparedRun(folder, plan, hardware, dataset, data)
 
 
-def execute(prepared: PreparedRun, *, make_reporter: ReporterFactory | None = None) -> RunOutcome:
-    """Train every unit of the prepared run that is not finished yet."""
-    return run_units(prepared.folder, prepared.plan, prepared.data, prepared.hardware, make_reporter)
+def _recorded_data(recorded: DataSelection, data_dir: Path | str | None) -> DataSelection:
+    """A run's data selection, from the folder it recorded; `data_dir` (an option or $CNNLAB_DATA_DIR)
+    only where the run recorded none or its folder is gone (moved): a set environment variable
+    never silently swaps a run's data for other files."""
+    if data_dir is None or (recorded.data_dir is not None and Path(recorded.data_dir).is_dir()):
+        return recorded
+    return dataclasses.replace(recorded, data_dir=str(data_dir))
+
+
+class Tracker(Protocol):
+    """Follows a run as it goes (tracking.MlflowTracker); only the driver process calls it."""
+
+    def start(self, prepared: PreparedRun) -> None: ...
+    def log_unit(self, outcome: UnitOutcome) -> None: ...
+    def finish(self, summary: ReportSummary) -> None: ...
+
+
+def execute(
+    prepared: PreparedRun,
+    *,
+    make_reporter: ReporterFactory | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    gpus_per_unit: float | None = None,
+    tracker: Tracker | None = None,
+) -> RunOutcome:
+    """Train every unit of the prepared run that is not finished yet: one after another in this
+    process (`backend="local"`), or in parallel on Ray (`"ray"`: a local instance sized to the machine,
+    or the cluster at `ray_address`), with `hardware.threads` CPU threads and `gpus_per_unit` GPUs each.
+    Workers write into the run folder and return their outcome; only this process calls `tracker`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got '{backend}'")
+    if backend == "local" and (ray_address is not None or gpus_per_unit is not None):
+        raise ConfigError("--ray-address and --gpus-per-unit need --backend ray")
+    if tracker is not None:
+        tracker.start(prepared)
+    on_outcome = tracker.log_unit if tracker is not None else None
+    if backend == "ray":
+        from cnnlab.ray_backend import run_units_on_ray
+
+        return run_units_on_ray(prepared.folder, prepared.plan, prepared.hardware, address=ray_address,
+                                gpus_per_unit=gpus_per_unit, on_outcome=on_outcome)  # fmt: skip
+    return run_units(prepared.folder, prepared.plan, prepared.data, prepared.hardware, make_reporter, on_outcome)
 
 
 @dataclass
@@ -160,6 +216,17 @@ class ReportSummary:
     @property
     def report(self) -> Path:
         return self.folder.output("report.html")
+
+
+def plan_sweep(path: Path | str, *, data_dir: Path | str | None = None, threads: int | None = None) -> RunPlan:
+    """The plan of a sweep file (sweep.py): its models x grid x seeds; `data_dir` is where the
+    datasets are when the file does not say, and `threads` (CPU threads per unit) overrides the file's."""
+    sweep = load_sweep(Path(path))
+    data = sweep.data
+    if data_dir is not None and sweep.data.data_dir is None:
+        data = dataclasses.replace(sweep.data, data_dir=str(data_dir))
+    hardware = sweep.hardware if threads is None else dataclasses.replace(sweep.hardware, threads=threads)
+    return plan_run(list(sweep.models), recipes=sweep.recipes, seeds=sweep.seeds, data=data, hardware=hardware)
 
 
 def run(
@@ -200,10 +267,11 @@ def report(run_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
     check_image_format(image_format)
     folder = RunFolder.open(Path(run_dir))
     analysis = analyze(folder)
+    rows, comparisons, choice, settings = analysis.rows, analysis.comparisons, analysis.choice, analysis.settings
     files = [
-        folder.write_text("comparison.md", comparison_markdown(analysis.rows, analysis.comparisons, analysis.choice)),
-        folder.write_text("comparison.csv", comparison_csv(analysis.rows)),
-        folder.write_json("comparison.json", comparison_json(analysis.rows, analysis.comparisons, analysis.choice)),
+        folder.write_text("comparison.md", comparison_markdown(rows, comparisons, choice, settings)),
+        folder.write_text("comparison.csv", comparison_csv(rows)),
+        folder.write_json("comparison.json", comparison_json(rows, comparisons, choice, settings)),
     ]
     folders = {d.name: d.folder for d in analysis.details}
     files += write_plots(folder.path, analysis.results, folders, image_format)
@@ -237,9 +305,75 @@ def report(run_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
             )
         files += [path for key, path in arm.items() if key not in CURVES]
         figures.arms[d.name] = arm
+    figures.settings.update(_settings_figures(folder, analysis, image_format))
+    files += list(figures.settings.values())
     files.append(folder.write_text("report.html", render_html(analysis, figures)))
     files.append(folder.write_text("report.md", render_markdown(analysis, figures)))
     return ReportSummary(folder, analysis.rows, analysis.comparisons, files, analysis)
+
+
+def _settings_figures(folder: RunFolder, analysis: RunAnalysis, image_format: str) -> dict[str, Path]:
+    """In a sweep, one figure per swept setting: accuracy against it, one line per model that sweeps it."""
+    figures = {}
+    for key in dict.fromkeys(key for model in analysis.settings for key in model.swept):
+        lines = {
+            m.model: [(a.settings[key], a.test_accuracy, a.val_accuracy) for a in m.along(key)]
+            for m in analysis.settings
+            if key in m.swept
+        }
+        path = folder.output(f"settings_{safe_folder_name(key)}.{image_format}")
+        figures[key] = settings_figure(key, lines, path)
+    return figures
+
+
+def combine(run_dirs: Sequence[Path | str], out_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
+    """One comparison of several run folders: a new run folder at `out_dir` whose plan holds every arm
+    of every input (an arm name that several inputs share is prefixed with its run folder's name), with
+    each unit's files copied from its input (the inputs are left as they are), then its report.
+
+    Refused in one line, before anything is written: inputs whose test sets differ (dataset,
+    --limit-test, the test labels of their first finished units), an input without a finished unit, an
+    input given twice, and an `out_dir` that exists and is not empty. Inputs with different validation
+    splits are allowed; the report then chooses on the test set and says so."""
+    check_image_format(image_format)
+    if not run_dirs:
+        raise ConfigError("give the run folders to combine, e.g. cnnlab report RUN_A RUN_B -o runs/combined")
+    folders = [RunFolder.open(Path(d)) for d in run_dirs]
+    resolved = [f.path.resolve() for f in folders]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError("a run folder is given twice; give each run folder once")
+    target = Path(out_dir).resolve()
+    if any(target == r or r in target.parents for r in resolved):
+        raise ConfigError(f"-o {out_dir} is inside a run folder being combined; give a folder outside them")
+    plans = [f.read_plan() for f in folders]
+    check_combinable(folders, plans)
+    inputs_per_name = Counter(a.name for plan in plans for a in plan.arms)  # names are unique within a plan
+    shared = {name for name, count in inputs_per_name.items() if count > 1}
+    arms: list[Arm] = []
+    mappings: list[dict[str, str]] = []
+    for folder, plan in zip(folders, plans):
+        mapping = {a.name: f"{folder.path.name}/{a.name}" if a.name in shared else a.name for a in plan.arms}
+        arms += [Arm(mapping[a.name], safe_folder_name(mapping[a.name]), a.spec, a.recipe) for a in plan.arms]
+        mappings.append(mapping)
+    if len({a.folder for a in arms}) != len(arms):
+        raise ConfigError("two run folders to combine have the same name and arms; rename one of the folders")
+    first = plans[0]
+    seeds = tuple(dict.fromkeys(seed for plan in plans for seed in plan.seeds))
+    combined = RunPlan(tuple(arms), seeds, first.data, first.hardware_request, first.hardware)
+    folder = RunFolder.create_at(Path(out_dir))
+    folder.write_plan(combined)
+    folder.write_sources(
+        [
+            {"run": source.path.name, "path": str(source.path.resolve()), "data": dataclasses.asdict(plan.data),
+             "seeds": list(plan.seeds), "arms": mapping, "started": source.environment().get("started")}
+            for source, plan, mapping in zip(folders, plans, mappings)
+        ]
+    )  # fmt: skip
+    for source, plan, mapping in zip(folders, plans, mappings):
+        for unit in plan.units():
+            if source.has_files(unit):
+                folder.copy_unit(source, unit, Unit(combined.arm(mapping[unit.arm.name]), unit.seed))
+    return report(folder.path, image_format=image_format)
 
 
 @dataclass(frozen=True)
@@ -260,9 +394,12 @@ def evaluate(
     Returns the dataset's name, its number of test images and one evaluation per unit."""
     folder = RunFolder.open(Path(run_dir))
     plan = folder.read_plan()
-    selection = DataSelection(
-        dataset=dataset or plan.data.dataset, data_dir=str(data_dir) if data_dir is not None else plan.data.data_dir
-    )
+    if dataset is None:  # the run's own data, its recorded split checked
+        selection = _recorded_data(plan.data, data_dir)
+    else:
+        selection = DataSelection(
+            dataset=dataset, data_dir=str(data_dir) if data_dir is not None else plan.data.data_dir
+        )
     data = load_data(selection)
     target = resolve_device(device)
     hardware = Hardware(str(target), "", "fp32", compiled=False, channels_last=False, threads=torch.get_num_threads())

@@ -32,7 +32,12 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 DEFAULT_MODELS = ["convnet3", "convnet5", "convnet7"]
 
 # Options shared by `train` and `compare`.
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="mnist, fashion-mnist or kmnist.")]
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset", "-d", help="mnist, fashion-mnist, kmnist, or folder:PATH (one subfolder of images per class)."
+    ),
+]
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -43,10 +48,11 @@ DataDirOpt = Annotated[
     ),
 ]
 # Recipe options default to None: unset, they take the --recipe file's value, else the notebook's recipe.
-EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", help="Training epochs. Default: 12.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Training batch size. Default: 128.")]
+# Repeated (--lr 1e-3 --lr 3e-4), they make one arm per combination of the values given.
+EpochsOpt = Annotated[list[int] | None, typer.Option("--epochs", "-e", help="Training epochs. Default: 12.")]
+BatchOpt = Annotated[list[int] | None, typer.Option("--batch-size", "-b", help="Training batch size. Default: 128.")]
 OptimizerOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--optimizer",
         help="adam, sgd, rmsprop or adamw, with Keras 3's update rules and defaults (Adam: betas 0.9/0.999, "
@@ -54,18 +60,18 @@ OptimizerOpt = Annotated[
     ),
 ]
 LrOpt = Annotated[
-    float | None,
+    list[float] | None,
     typer.Option("--lr", help="Learning rate (initial, with --schedule). Default: Keras's: 0.01 sgd, 0.001 others."),
 ]
-MomentumOpt = Annotated[float | None, typer.Option("--momentum", help="Momentum of sgd or rmsprop. Default: 0.")]
+MomentumOpt = Annotated[list[float] | None, typer.Option("--momentum", help="Momentum of sgd or rmsprop. Default: 0.")]
 NesterovOpt = Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")]
-RhoOpt = Annotated[float | None, typer.Option("--rho", help="rmsprop's discounting factor. Default: 0.9.")]
+RhoOpt = Annotated[list[float] | None, typer.Option("--rho", help="rmsprop's discounting factor. Default: 0.9.")]
 WeightDecayOpt = Annotated[
-    float | None,
+    list[float] | None,
     typer.Option("--weight-decay", help="Decoupled weight decay (Keras's weight_decay). Default: 0.004 adamw, 0."),
 ]
 ScheduleOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--schedule",
         help="Learning-rate schedule (Keras's): exponential:decay_steps=N,decay_rate=R[,staircase=true] | "
@@ -74,7 +80,7 @@ ScheduleOpt = Annotated[
     ),
 ]
 EarlyStoppingOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--early-stopping",
         help="Keras's EarlyStopping: patience=3[,monitor=val_loss,min_delta=0,mode=auto,baseline=,"
@@ -82,7 +88,7 @@ EarlyStoppingOpt = Annotated[
     ),
 ]
 BestCheckpointOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--best-checkpoint",
         help="Keep the best epoch's weights (Keras's ModelCheckpoint save_best_only): on, or "
@@ -90,7 +96,7 @@ BestCheckpointOpt = Annotated[
     ),
 ]
 AugmentOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--augment",
         help="Augment training batches on the device (Keras's RandomTranslation, RandomRotation, RandomZoom): "
@@ -133,6 +139,29 @@ ValSplitOpt = Annotated[
     ),
 ]
 SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the held-out validation images.")]
+# How units run (none of it changes a result, except the thread count, which the plan records).
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="local (one unit at a time, in this process) or ray (units in parallel on Ray)."),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="A Ray cluster to submit to (HOST:PORT or auto); default: a local Ray instance."
+    ),
+]
+CpusPerUnitOpt = Annotated[
+    int | None, typer.Option("--cpus-per-unit", help="CPU cores of each unit, and its torch thread count.")
+]
+GpusPerUnitOpt = Annotated[
+    float | None, typer.Option("--gpus-per-unit", help="GPUs of each unit on Ray, e.g. 0.25 packs four on a GPU.")
+]
+MlflowOpt = Annotated[
+    bool,
+    typer.Option("--mlflow", help="Track the run in MLflow: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", help="Run a plan of more than 1,000 units.")]
+MAX_UNITS = 1000
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Figure format: png or svg.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
@@ -164,30 +193,58 @@ RECIPE_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "
                   "augment": "augmentation"}  # fmt: skip
 
 
-def _recipe(recipe_file: Path | None, options: dict[str, object]):
-    """The recipe: the --recipe file's keys, then every option given on the command line."""
+def _recipes(recipe_file: Path | None, options: dict[str, object]):
+    """The recipes: the --recipe file's keys, then the command line's options; an option given
+    several times makes one recipe per combination of its values."""
     import tomllib
 
-    from cnnlab.config import OPTION_KEYS, Recipe
     from cnnlab.errors import ConfigError
-    from cnnlab.options import option_to_dict, parse_option
+    from cnnlab.sweep import expand_grid
 
-    raw: dict[str, object] = {}
+    base: dict[str, object] = {}
     source = "the command line"
     if recipe_file is not None:
         source = str(recipe_file)
         try:
-            raw = tomllib.loads(recipe_file.read_text(encoding="utf-8"))
+            base = tomllib.loads(recipe_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--recipe {recipe_file}: cannot be read ({exc}); give a TOML file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{recipe_file}: not valid TOML ({exc}); fix the syntax") from None
+    grid: dict[str, list[object]] = {}
     for option, key in RECIPE_OPTIONS.items():
-        value = options[option]
-        if value is None:
+        values = options[option]
+        if values is None:
             continue
-        raw[key] = option_to_dict(parse_option(value, key)) if key in OPTION_KEYS else value
-    return Recipe.from_dict(raw, source=source)
+        if isinstance(values, list) and len(values) > 1:
+            grid[key] = values
+        else:
+            base[key] = values[0] if isinstance(values, list) else values
+    return expand_grid(base, grid, source)
+
+
+def _execution(options: dict[str, object]) -> dict[str, object]:
+    """The execution options as `api.execute` takes them."""
+    return {"backend": options["backend"], "ray_address": options["ray_address"],
+            "gpus_per_unit": options["gpus_per_unit"], "mlflow": options["mlflow"]}  # fmt: skip
+
+
+def _tracker(mlflow: bool):
+    """An MLflow tracker when --mlflow was given (the extra's absence is one clear line)."""
+    if not mlflow:
+        return None
+    from cnnlab.tracking import MlflowTracker
+
+    return MlflowTracker()
+
+
+def _check_size(plan, yes: bool) -> None:
+    from cnnlab.errors import ConfigError
+
+    units = len(plan.units())
+    if units > MAX_UNITS and not yes:
+        raise ConfigError(f"the plan has {units:,} units ({len(plan.arms):,} arms x {len(plan.seeds)} seeds), more "
+                          f"than {MAX_UNITS:,}; check the grid, or add --yes to run them all")  # fmt: skip
 
 
 def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
@@ -199,7 +256,7 @@ def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
     data_dir = options["data_dir"]
     plan = plan_run(
         models,
-        recipes=[_recipe(options["recipe_file"], options)],
+        recipes=_recipes(options["recipe_file"], options),
         seeds=parse_seeds(options["seed"], options["seeds"]),
         data=DataSelection(
             dataset=options["dataset"],
@@ -209,22 +266,26 @@ def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
             val_split=options["val_split"],
             split_seed=options["split_seed"],
         ),
-        hardware=HardwareRequest(device=options["device"], precision=options["precision"], compile=options["compile_"]),
-    )
+        hardware=HardwareRequest(
+            device=options["device"], precision=options["precision"], compile=options["compile_"],
+            threads=options["cpus_per_unit"],
+        ),
+    )  # fmt: skip
+    _check_size(plan, options["yes"])
     prepared = prepare(plan, runs_dir=options["runs_dir"], name=name, progress=console.is_terminal)
-    _execute_and_show(prepared, options["image_format"])
+    _execute_and_show(prepared, options["image_format"], _execution(options))
 
 
-def _resume(run_dir: Path, data_dir: Path | None, image_format: str) -> None:
+def _resume(run_dir: Path, data_dir: Path | None, image_format: str, execution: dict[str, object]) -> None:
     from cnnlab.api import check_image_format, prepare_resume
 
     check_image_format(image_format)
     prepared = prepare_resume(run_dir, data_dir=data_dir, progress=console.is_terminal)
     console.print(f"Resuming {prepared.folder}", highlight=False, markup=False)
-    _execute_and_show(prepared, image_format)
+    _execute_and_show(prepared, image_format, execution)
 
 
-def _execute_and_show(prepared, image_format: str) -> None:
+def _execute_and_show(prepared, image_format: str, execution: dict[str, object]) -> None:
     from cnnlab.api import execute
     from cnnlab.progress import make_reporter
 
@@ -238,10 +299,16 @@ def _execute_and_show(prepared, image_format: str) -> None:
         markup=False,
     )
     multi_seed = len(prepared.plan.seeds) > 1
+    tracker = _tracker(bool(execution["mlflow"]))
     with _sigterm_as_interrupt():
         try:
             outcome = execute(
-                prepared, make_reporter=lambda unit: make_reporter(unit.label if multi_seed else unit.arm.name, console)
+                prepared,
+                make_reporter=lambda unit: make_reporter(unit.label if multi_seed else unit.arm.name, console),
+                backend=execution["backend"],
+                ray_address=execution["ray_address"],
+                gpus_per_unit=execution["gpus_per_unit"],
+                tracker=tracker,
             )
         except KeyboardInterrupt as exc:
             prepared.folder.remove_partial_files()  # a write the signal cut short
@@ -255,7 +322,10 @@ def _execute_and_show(prepared, image_format: str) -> None:
             raise typer.Exit(143 if isinstance(exc, _Terminated) else 130) from None
     for unit, error in outcome.failed:
         err_console.print(f"error: {unit.label} failed: {error}", highlight=False, markup=False, soft_wrap=True)
-    _show_report(prepared.folder.path, image_format)
+    summary = _show_report(prepared.folder.path, image_format)
+    if tracker is not None:
+        tracker.finish(summary)
+        console.print(f"MLflow: {tracker.describe()}", highlight=False, markup=False, soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -277,17 +347,27 @@ class _sigterm_as_interrupt:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _show_report(run_dir: Path, image_format: str) -> None:
-    from rich.markup import escape
-
+def _show_report(run_dir: Path, image_format: str):
     from cnnlab.api import report as write_report
-    from cnnlab.tables import rich_table, statistics_note
 
     summary = write_report(run_dir, image_format=image_format)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary) -> None:
+    """The comparison table, the best arm (and each model's best setting), the verdicts, where the report is."""
+    from rich.markup import escape
+
+    from cnnlab.tables import rich_table, statistics_note
+
+    run_dir = summary.folder.path
     console.print(rich_table(summary.rows, title=escape(f"Comparison ({run_dir.name})")))
     console.print(statistics_note(summary.rows, summary.comparisons), highlight=False, markup=False)
     if summary.analysis.choice is not None:
         console.print(summary.analysis.choice.sentence(), highlight=False, markup=False)
+    for model in summary.analysis.settings:
+        console.print(model.sentence(), highlight=False, markup=False)
     for comparison in summary.comparisons:
         console.print("- " + comparison.sentence(), highlight=False, markup=False)
     console.print(f"Results written to {run_dir}/", highlight=False, markup=False)
@@ -323,6 +403,12 @@ def train(
     split_seed: SplitSeedOpt = 0,
     runs_dir: RunsDirOpt = Path("runs"),
     image_format: FormatOpt = "png",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    cpus_per_unit: CpusPerUnitOpt = None,
+    gpus_per_unit: GpusPerUnitOpt = None,
+    mlflow: MlflowOpt = False,
+    yes: YesOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train one model with the notebook's recipe (Adam, batch 128, 12 epochs) and save a run folder.
@@ -365,6 +451,12 @@ def compare(
     split_seed: SplitSeedOpt = 0,
     runs_dir: RunsDirOpt = Path("runs"),
     image_format: FormatOpt = "png",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    cpus_per_unit: CpusPerUnitOpt = None,
+    gpus_per_unit: GpusPerUnitOpt = None,
+    mlflow: MlflowOpt = False,
+    yes: YesOpt = False,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Finish an interrupted run folder (its own settings are used).")
     ] = None,
@@ -374,11 +466,44 @@ def compare(
 
     Example: cnnlab compare --epochs 1 --data-dir ../shared/data
     """
-    if resume is not None:
-        _resume(resume, data_dir, image_format)
-        return
     options = dict(locals())  # every option, by name, for the shared body
+    if resume is not None:
+        _resume(resume, data_dir, image_format, _execution(options))
+        return
     _train(models=models or DEFAULT_MODELS, name="compare", options=options)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="A sweep file (TOML): models, a grid of settings, seeds, data.")],
+    data_dir: DataDirOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    image_format: FormatOpt = "png",
+    backend: BackendOpt = "local",
+    ray_address: RayAddressOpt = None,
+    cpus_per_unit: CpusPerUnitOpt = None,
+    gpus_per_unit: GpusPerUnitOpt = None,
+    mlflow: MlflowOpt = False,
+    yes: YesOpt = False,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Finish an interrupted sweep's run folder.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a sweep: every model x every combination of the grid's settings x every seed, into one
+    run folder, one unit at a time or in parallel on Ray; the report picks each model's best setting.
+
+    Example: cnnlab sweep sweep.toml --backend ray --cpus-per-unit 1 --mlflow
+    """
+    from cnnlab.api import check_image_format, plan_sweep, prepare
+
+    options = dict(locals())
+    if resume is not None:
+        _resume(resume, data_dir, image_format, _execution(options))
+        return
+    check_image_format(image_format)
+    plan = plan_sweep(sweep_file, data_dir=data_dir, threads=cpus_per_unit)
+    _check_size(plan, yes)
+    prepared = prepare(plan, runs_dir=runs_dir, name=sweep_file.stem, progress=console.is_terminal)
+    _execute_and_show(prepared, image_format, _execution(options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,18 +538,200 @@ def evaluate(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="A run folder made by train, compare or sweep; or several to combine with -o.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Combine the run folders into a new run folder here and report it."),
+    ] = None,
     image_format: FormatOpt = "png",
     debug: DebugOpt = False,
 ) -> None:
-    """(Re)write a run folder's table, plots, report.html and report.md from its saved results.
+    """(Re)write a run folder's table, plots, report.html and report.md from its saved results; with -o,
+    combine several run folders tested on the same images into one new run folder and report it.
 
     Example: cnnlab report runs/20261126-101500-compare
+    Example: cnnlab report runs/A runs/B -o runs/A-and-B
     """
-    from cnnlab.api import check_image_format
+    from cnnlab.api import check_image_format, combine
+    from cnnlab.errors import ConfigError
 
     check_image_format(image_format)
-    _show_report(run_dir, image_format)
+    if output is None:
+        if len(run_dirs) > 1:
+            raise ConfigError(
+                f"{len(run_dirs)} run folders given: combine them into a new folder with -o DIR, "
+                "e.g. cnnlab report RUN_A RUN_B -o runs/combined"
+            )
+        _show_report(run_dirs[0], image_format)
+        return
+    _print_summary(combine(run_dirs, output, image_format=image_format))
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
+    images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF, .npy or IDX files, or folders of them.")],
+    arm: Annotated[
+        str | None,
+        typer.Option("--arm", help="The arm to predict with; default: the one chosen on validation (else on test)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="The arm's seed; default: its first finished one.")] = None,
+    all_arms: Annotated[bool, typer.Option("--all", help="Predict with every arm, side by side.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    no_preprocess: Annotated[
+        bool,
+        typer.Option("--no-preprocess", help="Take the pixels as they are (28x28 grayscale, light ink on black)."),
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Predict the classes of images with a run's trained model: top-k classes with probabilities.
+
+    Images that are not 28x28 grayscale are made like the dataset's own (MNIST, KMNIST: inverted if
+    dark on light, cropped, fit to 20x20, centred by centre of mass; Fashion-MNIST: Zalando's steps).
+
+    Example: cnnlab predict runs/20261126-101500-compare digit.png scans/
+    """
+    import json
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from cnnlab.predict import predict_files
+
+    result = predict_files(
+        run_dir, images, arm=arm, seed=seed, all_arms=all_arms, top_k=top_k, preprocess=not no_preprocess
+    )
+    if as_json:
+        sys.stdout.write(json.dumps([p.to_dict() for p in result.predictions], indent=2) + "\n")
+        return
+    console.print(result.explanation, highlight=False, markup=False, soft_wrap=True)
+    table = Table(title=Text(f"Predictions ({result.dataset})"))
+    table.add_column("Image", overflow="fold")
+    table.add_column("Arm", overflow="fold")
+    for rank in range(1, min(top_k, len(result.predictions[0].top)) + 1):
+        table.add_column(f"#{rank}", justify="right")
+    for p in result.predictions:
+        arm_label = f"{p.arm} (seed {p.seed})" if all_arms else p.arm
+        table.add_row(Text(p.image), Text(arm_label), *(Text(f"{c.name} {c.probability:.1%}") for c in p.top))
+    console.print(table)
+
+
+@app.command()
+def runs(
+    runs_dir: Annotated[Path, typer.Argument(help="The folder that holds run folders.")] = Path("runs"),
+    debug: DebugOpt = False,
+) -> None:
+    """List the run folders in RUNS_DIR: when each started, dataset, arms, units finished, best test accuracy.
+
+    Example: cnnlab runs runs
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    from cnnlab.analysis import list_runs
+
+    listings = list_runs(runs_dir)
+    if not listings:
+        console.print(f"No run folders in {runs_dir}", highlight=False, markup=False)
+        return
+    table = Table(title=Text(f"Runs in {runs_dir}"))
+    for column, justify in (
+        ("Run", "left"),
+        ("Started", "left"),
+        ("Dataset", "left"),
+        ("Arms", "right"),
+        ("Units", "right"),
+        ("Best test acc", "right"),
+        ("Best arm", "left"),
+        ("State", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")  # fmt: skip
+    for r in listings:
+        if r.total is None:  # not a run folder, or damaged
+            state = r.state if r.problem is None else f"{r.state}: {r.problem}"
+            table.add_row(Text(r.name), "", "", "", "", "", "", Text(state))
+            continue
+        started = r.started.replace("T", " ") if r.started else "–"
+        best = "–" if r.best_test_accuracy is None else f"{r.best_test_accuracy:.4f}"
+        arm = r.best_arm or "–"
+        if r.chosen_on == "validation":
+            arm += " (chosen on validation)"
+        elif r.chosen_on == "test":
+            arm += " (chosen on the test set)"
+        state = f"failed ({r.failed} unit{'s' if r.failed > 1 else ''})" if r.state == "failed" else r.state
+        table.add_row(Text(r.name), started, Text(r.dataset or "?"), str(r.arms), f"{r.finished}/{r.total}", best,
+                      Text(arm), state)  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
+    to: Annotated[str, typer.Option("--to", help="onnx (ONNX Runtime) or pt2 (torch.export).")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The file to write; default: RUN_DIR/export/<arm>-seed<N>.<onnx|pt2>."),
+    ] = None,
+    arm: Annotated[
+        str | None, typer.Option("--arm", help="The arm to export; default: the run's best arm, else its only one.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="The arm's seed; default: its first finished one.")] = None,
+    # Not $CNNLAB_DATA_DIR: the verification uses the run's own recorded test images unless told otherwise.
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Where the run's dataset is now, if it moved.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a trained model taking uint8 pixels [N, 28, 28] and returning probabilities [N, classes],
+    verified against PyTorch on the run's test images before it is written.
+
+    Example: cnnlab export runs/20261126-101500-compare --to onnx
+    """
+    from cnnlab.export import export_run
+
+    result = export_run(run_dir, to, output, arm=arm, seed=seed, data_dir=data_dir)
+    v = result.verification
+    console.print(
+        f"Exported {result.arm} seed {result.seed} to {result.path}\n"
+        f"Why this model: {result.reason}\n"
+        f"Verified on {v.images:,} test images of {result.metadata['dataset']}: max probability difference "
+        f"{v.max_abs_difference:.2e} (limit {v.atol:.0e}), same class on {v.agreement:.2%} "
+        f"({v.agreeing:,} of {v.images:,}; at least {v.min_agreement:.1%} needed); "
+        f"accuracy {v.exported_accuracy:.4f} exported, {v.reference_accuracy:.4f} PyTorch\n"
+        f"Exporter: {result.exporter}\n"
+        f"Figures: {result.verification_path}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train, compare or sweep.")],
+    host: Annotated[
+        str, typer.Option("--host", help="The address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The port to listen on (0: a free one).")] = 8000,
+    debug: DebugOpt = False,
+) -> None:
+    """Serve a local web page to draw or upload an image and see each arm's top 3 classes, with the
+    28x28 image the models saw, and a JSON API (POST /api/predict) for scripts. Needs the serve extra.
+
+    Example: cnnlab serve runs/20261126-101500-compare   (then open http://127.0.0.1:8000/)
+    """
+    from cnnlab.serve import serve as serve_run
+
+    def announce(url: str) -> None:
+        console.print(f"Serving {run_dir} at {url} (Ctrl+C to stop)", highlight=False, markup=False, soft_wrap=True)
+
+    try:
+        serve_run(run_dir, host, port, log_level="info" if debug else "warning", announce=announce)
+    except KeyboardInterrupt:  # Ctrl+C is how a server stops: Uvicorn has shut down cleanly
+        console.print("Stopped.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,8 +192,44 @@ class DataSelection:
     # "stratified": each class held out in proportion, drawn once per run from split_seed (0.2);
     # "per-seed": cnnlab 0.1's split, a random draw from each unit's seed (its run folders keep it).
     split: str = "stratified"
+    # A folder dataset (dataset = "folder:PATH", PATH made absolute here; data_dir does not apply):
+    # the fraction of each class's images held out as its test split (None: 0.2), and, recorded by the
+    # first load (image_folders), its class names, number of files and their digest, which every later
+    # load (resume, report, export) checks, so a changed folder is refused rather than tested on.
+    test_fraction: float | None = None
+    classes: tuple[str, ...] | None = None
+    folder_files: int | None = None
+    folder_digest: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str):
+            raise ConfigError(f"the dataset must be a name or folder:PATH, got {self.dataset!r}")
+        if self.dataset.startswith("folder:"):
+            raw = self.dataset.removeprefix("folder:")
+            if not raw.strip():
+                raise ConfigError("--dataset folder:PATH needs the folder's path, e.g. folder:images/")
+            from os.path import abspath, expanduser  # here: only DataSelection of this module needs it
+
+            object.__setattr__(self, "dataset", "folder:" + abspath(expanduser(raw)))
+        else:
+            recorded = [
+                k for k in ("test_fraction", "classes", "folder_files", "folder_digest") if getattr(self, k) is not None
+            ]
+            if recorded:
+                raise ConfigError(f"{', '.join(recorded)} apply to folder:PATH datasets only, not {self.dataset!r}")
+        if self.classes is not None:
+            if isinstance(self.classes, str) or not all(isinstance(c, str) for c in self.classes):
+                raise ConfigError(f"classes must be a list of class names, got {self.classes!r}")
+            object.__setattr__(self, "classes", tuple(self.classes))
+        fraction = self.test_fraction
+        if fraction is not None and not (
+            isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1
+        ):
+            raise ConfigError(f"test_fraction must be in (0, 1), e.g. 0.2, got {fraction!r}")
+        if self.folder_files is not None and not _positive_int(self.folder_files):
+            raise ConfigError(f"folder_files must be an integer >= 1, got {self.folder_files!r}")
+        if self.folder_digest is not None and not isinstance(self.folder_digest, str):
+            raise ConfigError(f"folder_digest must be a string, got {self.folder_digest!r}")
         if self.split not in ("stratified", "per-seed"):
             raise ConfigError(f"the validation split must be stratified or per-seed, got {self.split!r}")
         if not (isinstance(self.split_seed, int) and not isinstance(self.split_seed, bool) and self.split_seed >= 0):
@@ -213,8 +249,11 @@ class HardwareRequest:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16
     compile: str = "auto"  # auto | on | off
+    threads: int | None = None  # CPU threads per unit (--cpus-per-unit); None: PyTorch's default
 
     def __post_init__(self) -> None:
+        if self.threads is not None and not _positive_int(self.threads):
+            raise ConfigError(f"--cpus-per-unit must be an integer >= 1, got {self.threads!r}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"--device must be {DEVICES_HELP}, got '{self.device}'")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -292,7 +331,7 @@ class RunPlan:
             "format_version": self.format_version,
             "seeds": list(self.seeds),
             "data": {k: v for k, v in dataclasses.asdict(self.data).items() if v is not None},
-            "hardware_request": dataclasses.asdict(self.hardware_request),
+            "hardware_request": {k: v for k, v in dataclasses.asdict(self.hardware_request).items() if v is not None},
             "hardware": dataclasses.asdict(self.hardware),
             "arms": [
                 {"name": a.name, "folder": a.folder, "model": a.spec.name, "recipe": a.recipe.to_dict()}

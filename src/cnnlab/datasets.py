@@ -7,6 +7,10 @@ registry's mirrors and every file is checked against its canonical MD5 before us
 
 Every problem a user can cause or meet (a missing, truncated or foreign file, a dead mirror)
 raises `DataError` with a one-line message naming the file or URL and how to fix it.
+
+A user's own images are a dataset too: `folder:PATH`, PATH holding one subfolder of images per
+class. Their class names (`folder_classes`, `dataset_classes`) are read here; their images are
+read and preprocessed by `image_folders`, which sits above `images` (this module is below it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import http.client
 import os
 import struct
+import unicodedata
 import urllib.error
 import urllib.request
 import warnings
@@ -29,18 +34,25 @@ import numpy as np
 import torch
 
 from cnnlab import __version__
+from cnnlab.config import DataSelection
 from cnnlab.errors import DataError, DataWarning
 
 __all__ = [
     "DATASETS",
     "FILE_KEYS",
+    "FOLDER_PREFIX",
     "Dataset",
     "DatasetInfo",
+    "dataset_classes",
     "dataset_status",
     "default_cache_dir",
     "download_file",
     "file_md5",
+    "folder_classes",
+    "folder_path",
+    "is_folder_dataset",
     "load_dataset",
+    "preprocessing_of",
     "read_idx",
 ]
 
@@ -163,6 +175,9 @@ class Dataset:
     source: Path  # folder the files were read from
     verified: bool  # all four files matched the canonical checksums
     unverified: tuple[str, ...] = ()  # names of the files that did not match (empty if verified)
+    # A folder dataset: the selection with its split recorded (classes, test fraction, file count and
+    # digest), which the run's plan must record so that resume, evaluate and report reproduce it.
+    recorded: DataSelection | None = None
 
 
 class _DownloadFailed(DataError):
@@ -244,6 +259,117 @@ def load_dataset(
         verified=not unverified,
         unverified=unverified,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder datasets: folder:PATH, one subfolder of images per class (torchvision's ImageFolder)
+
+FOLDER_PREFIX = "folder:"
+MAX_FOLDER_CLASSES = 1000
+MAX_CLASS_NAME = 100  # characters of a class folder's name (names are shown, never used as paths)
+# Besides hidden entries (a leading "."), what operating systems and archivers leave in folders.
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+# Control, format (bidirectional overrides), separator and surrogate (undecodable bytes) characters.
+_HOSTILE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def is_folder_dataset(name: str) -> bool:
+    """Whether a dataset name is `folder:PATH`, a user's folder of images."""
+    return name.startswith(FOLDER_PREFIX)
+
+
+def folder_path(name: str) -> Path:
+    """The PATH of `folder:PATH` (absolute once a `DataSelection` has recorded it)."""
+    return Path(name.removeprefix(FOLDER_PREFIX))
+
+
+def preprocessing_of(dataset: str) -> str:
+    """The dataset whose preprocessing an image gets: a folder dataset's images are made MNIST-style."""
+    return "mnist" if is_folder_dataset(dataset) else dataset
+
+
+def dataset_classes(selection: DataSelection) -> tuple[str, ...]:
+    """The class names of a selection's dataset: the registry's, or a folder dataset's as its plan recorded
+    them (a plan without them: the folder's class subfolders as they are now, if it can be read; else none)."""
+    if selection.dataset in DATASETS:
+        return DATASETS[selection.dataset].classes
+    if selection.classes is not None:
+        return tuple(selection.classes)
+    if is_folder_dataset(selection.dataset):
+        try:
+            return folder_classes(folder_path(selection.dataset))
+        except DataError:
+            return ()
+    return ()
+
+
+def is_ignored(name: str) -> bool:
+    """A folder entry that a folder dataset skips: hidden, or an operating system's or archiver's file."""
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def folder_classes(root: Path) -> tuple[str, ...]:
+    """A folder dataset's classes: the names of `root`'s subfolders, sorted (hidden ones skipped).
+
+    Raises `DataError` in one line for a path that is not a folder, fewer than two classes, more
+    than MAX_FOLDER_CLASSES, and a name that is not fit to show (see `check_class_name`)."""
+    root = Path(root)
+    where = f"{FOLDER_PREFIX}{root}"
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise DataError(f"{where}: {what}; give a folder with one subfolder of images per class")
+    try:
+        names = sorted(entry.name for entry in os.scandir(root) if not is_ignored(entry.name) and entry.is_dir())
+    except OSError as error:
+        raise DataError(
+            f"{where}: the folder cannot be read ({error.strerror or error}); check its permissions"
+        ) from None
+    if len(names) < 2:
+        found = f"only one ({_shown(names[0])})" if names else "none"
+        raise DataError(
+            f"{where}: needs one subfolder of images per class, at least two, found {found}; "
+            f"put each class's images in a subfolder named after the class"
+        )
+    if len(names) > MAX_FOLDER_CLASSES:
+        raise DataError(
+            f"{where}: {len(names):,} class subfolders, more than {MAX_FOLDER_CLASSES:,}; "
+            f"give a folder with one subfolder per class"
+        )
+    seen: dict[str, str] = {}
+    for name in names:
+        check_class_name(name, root)
+        twin = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if twin != name:
+            raise DataError(
+                f"{where}: class folders {_shown(twin)} and {_shown(name)} differ only in their Unicode form, "
+                f"so their names would look the same; merge or rename one"
+            )
+    return tuple(names)
+
+
+def check_class_name(name: str, root: Path) -> None:
+    """A class folder's name is for display only: refused (DataError) if it holds control or format
+    characters or undecodable bytes, a '$' (matplotlib's maths markup), is blank or longer than MAX_CLASS_NAME."""
+    problem = None
+    if any(unicodedata.category(c) in _HOSTILE_CATEGORIES for c in name):
+        problem = "holds control or invisible characters (or bytes that are not text)"
+    elif "$" in name:
+        problem = "holds '$', which the plots would read as maths markup"
+    elif not name.strip():
+        problem = "is blank"
+    elif len(name) > MAX_CLASS_NAME:
+        problem = f"is {len(name)} characters long, more than {MAX_CLASS_NAME}"
+    if problem:
+        raise DataError(
+            f"{FOLDER_PREFIX}{root}: class folder {_shown(name)} {problem}; class names are shown in tables and "
+            f"plots, rename the folder to a plain name"
+        )
+
+
+def _shown(name: str) -> str:
+    """A name as a message quotes it: non-printable characters escaped, long names cut."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:58] + "…'"
 
 
 def dataset_status(name: str, data_dir: Path | None, cache_dir: Path) -> str:
@@ -350,7 +476,14 @@ def download_file(url: str, dest: Path, md5: str, progress: bool) -> None:
 def _lookup(name: str) -> DatasetInfo:
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
-        raise DataError(f"unknown dataset {name!r}; known datasets: {known}")
+        if is_folder_dataset(name):  # a programming slip: api.load_data and image_folders read these
+            raise DataError(
+                f"{name}: a folder dataset is read by cnnlab.image_folders.load_selection, not load_dataset"
+            )
+        raise DataError(
+            f"unknown dataset {name!r}; known datasets: {known}, or folder:PATH for a folder with one "
+            f"subfolder of images per class"
+        )
     return DATASETS[name]
 
 

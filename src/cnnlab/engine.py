@@ -475,6 +475,8 @@ def train(
             )  # fmt: skip
             history.append(record)
             reporter.end_epoch(record)
+            if not math.isfinite(record.loss):  # a failed unit, recorded as such; the run goes on
+                raise FloatingPointError(f"training diverged: the loss is {record.loss} in epoch {epoch}")
             epoch_end(epoch, record, model, optimizer)
             if checkpoint is not None:
                 checkpoint.save(_state(model, optimizer, history, shuffle, epoch_end, device))

@@ -63,7 +63,7 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         precision,
         compiled,
         channels_last=True,
-        threads=torch.get_num_threads(),
+        threads=request.threads or torch.get_num_threads(),
         cuda_graph=compiled and on_cuda,
     )
 

@@ -1,4 +1,5 @@
-"""The run's figures: learning curves, confusion matrices and the most confident mistakes.
+"""The run's figures: learning curves, confusion matrices, the most confident mistakes, and in a sweep
+accuracy against each swept setting.
 
 Learning curves are the notebook's train-vs-validation loss per model, accuracy, and all models
 overlaid; with several seeds each notebook's curve is drawn faint and the mean over seeds bold.
@@ -6,19 +7,21 @@ overlaid; with several seeds each notebook's curve is drawn faint and the mean o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from cnnlab.files import atomic_path  # noqa: E402
 from cnnlab.results import UnitResult  # noqa: E402
-from cnnlab.stats import group_by_arm  # noqa: E402
+from cnnlab.stats import Aggregate, group_by_arm  # noqa: E402
 
 CURVES = {
     "loss": ("loss", "val_loss", "Categorical cross-entropy loss"),
@@ -193,4 +196,65 @@ def image_grid_figure(originals: np.ndarray, augmented: np.ndarray, title: str, 
     axes[0, 0].set_title("original", fontsize=7, loc="left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# One point of a settings plot: the setting's value, mean test accuracy, mean validation accuracy (or None).
+SettingPoint = tuple[Any, Aggregate, Aggregate | None]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _value_label(value: Any) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if _is_number(value) else str(value)
+
+
+def _error(aggs: Sequence[Aggregate]) -> np.ndarray:
+    """Error bars of 95% t intervals (none for one seed): (2, N) distances below and above the mean."""
+    below = [0.0 if math.isnan(a.ci_low) else a.mean - a.ci_low for a in aggs]
+    above = [0.0 if math.isnan(a.ci_high) else a.ci_high - a.mean for a in aggs]
+    return np.array([below, above])
+
+
+def settings_figure(key: str, lines: dict[str, Sequence[SettingPoint]], path: Path) -> Path:
+    """Accuracy against one swept setting, one line per model: mean test accuracy (solid) and, where
+    given, mean validation accuracy (dashed), with 95% t intervals as error bars. Numbers go on a
+    numeric axis (logarithmic when they span a factor of 4 or more); other values (schedules, options)
+    are categories, in the order first given."""
+    values = [point[0] for points in lines.values() for point in points]
+    numeric = all(_is_number(v) for v in values)
+    categories = list(dict.fromkeys(_value_label(v) for v in values))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (model, points) in enumerate(lines.items()):
+        color = colors[i % len(colors)]
+        if numeric:
+            points = sorted(points, key=lambda p: p[0])
+            xs = np.array([float(p[0]) for p in points])
+        else:  # side by side at each category, so error bars do not hide each other
+            offset = 0.06 * (i - (len(lines) - 1) / 2)
+            xs = np.array([categories.index(_value_label(p[0])) + offset for p in points])
+        for index, style, marker, name in ((1, "-", "o", "test"), (2, "--", "s", "validation")):
+            aggs = [p[index] for p in points]
+            if any(a is None for a in aggs):
+                continue
+            ax.errorbar(xs, [a.mean for a in aggs], yerr=_error(aggs), color=color, linestyle=style, marker=marker,
+                        markersize=4, capsize=3, linewidth=1.6, label=f"{model} {name}")  # fmt: skip
+    if numeric:
+        ticks = sorted(set(float(v) for v in values))
+        if ticks[0] > 0 and ticks[-1] / ticks[0] >= 4:
+            ax.set_xscale("log")
+        ax.set_xticks(ticks, labels=[_value_label(v) for v in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+    else:
+        ax.set_xticks(range(len(categories)), labels=categories, rotation=20 if max(map(len, categories)) > 12 else 0,
+                      ha="right" if max(map(len, categories)) > 12 else "center", fontsize=8)  # fmt: skip
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    ax.set(title=f"Accuracy against {key}", xlabel=key, ylabel="Accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnlab.analysis import ArmDetails, RunAnalysis
+from cnnlab.analysis import ArmDetails, ModelSettings, RunAnalysis
 from cnnlab.datasets import DATASETS
 from cnnlab.stats import Comparison
 from cnnlab.tables import (
@@ -26,6 +26,8 @@ from cnnlab.tables import (
     markdown_table,
     pairwise_table,
     per_class_table,
+    settings_note,
+    settings_table,
     statistics_note,
 )
 
@@ -36,6 +38,7 @@ class Figures:
 
     overlay: Path | None
     arms: dict[str, dict[str, Path]] = field(default_factory=dict)  # arm name -> {"loss", "accuracy", ...}
+    settings: dict[str, Path] = field(default_factory=dict)  # swept key's label -> accuracy against it
 
 
 def facts(analysis: RunAnalysis) -> list[tuple[str, str]]:
@@ -60,7 +63,12 @@ def facts(analysis: RunAnalysis) -> list[tuple[str, str]]:
         if hardware
         else "?"
     )
-    return [
+    sources = analysis.sources
+    if sources and len({_training_data(s["data"]) for s in sources}) > 1:
+        images = f"{int(first.confusion.sum()) // len(first.units):,} test images; the training data differs by run"
+    if sources:
+        hardware_text = "as each combined run recorded (see the cost table)"
+    rows = [
         ("Dataset", f"{DATASETS[dataset].title if dataset in DATASETS else dataset} ({images})"),
         ("Models", ", ".join(d.name for d in analysis.details)),
         ("Seeds", ", ".join(str(s) for s in plan.seeds)),
@@ -68,6 +76,24 @@ def facts(analysis: RunAnalysis) -> list[tuple[str, str]]:
         ("Hardware", hardware_text),
         ("Started", str(analysis.environment.get("started", "?"))),
     ]
+    if sources:
+        rows.append(("Combined from", "; ".join(_source_text(s) for s in sources)))
+    return rows
+
+
+def _training_data(data: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(data.get(k) for k in ("limit_train", "val_split", "split_seed", "split"))
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    data = source["data"]
+    arms = len(source["arms"])
+    parts = [f"{arms} arm{'s' if arms != 1 else ''}", f"seeds {', '.join(str(s) for s in source['seeds'])}"]
+    if data.get("limit_train"):
+        parts.append(f"first {data['limit_train']:,} training images")
+    split = data.get("val_split") or 0
+    parts.append(f"val split {split:g} (split seed {data.get('split_seed', 0)})" if split else "no validation split")
+    return f"{source.get('run', '?')} ({', '.join(parts)})"
 
 
 def incomplete_note(analysis: RunAnalysis) -> str:
@@ -100,10 +126,32 @@ def _mistakes_caption(d: ArmDetails) -> str:
     )
 
 
-def _no_command_note() -> str:
+def _no_command_note(report: RunAnalysis) -> str:
+    if report.sources:
+        return (
+            "This run was combined from others (see Combined from above): train each of them again with the "
+            "command in its own report; config.toml below records the combined plan and sources.json its sources."
+        )
     return (
         "The arms of this run differ in settings the command line cannot express in one command; "
         "config.toml below records the whole plan."
+    )
+
+
+def settings_intro(report: RunAnalysis) -> str:
+    """What the Settings section shows, in words."""
+    return (
+        "Each model's arms that differ in settings: the best setting of each model, chosen by the rule "
+        "against choosing on the test set (validation accuracy when the run held out validation images; "
+        "otherwise test accuracy, labelled optimistic), and the best setting tested against each runner-up."
+    )
+
+
+def settings_caption(key: str, report: RunAnalysis) -> str:
+    lines = "test accuracy solid, validation accuracy dashed" if report.on_validation else "test accuracy"
+    return (
+        f"Mean accuracy against {key}, one line per model ({lines}); error bars: 95% t interval over seeds "
+        "(none for one seed); any other swept setting held at the model's best"
     )
 
 
@@ -225,6 +273,9 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
         )
     sections.append(("comparison", "Comparison", body))
 
+    if report.settings:
+        sections.append(("settings", "Settings", _settings_html(report, figures)))
+
     headers, rows = cost_table(report.details)
     sections.append(
         (
@@ -287,7 +338,7 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
     if report.command:
         reproduce = f"<p>Train this run again with:</p><pre><code>{_escape(report.command)}</code></pre>"
     else:
-        reproduce = f'<p class="note">{_escape(_no_command_note())}</p>'
+        reproduce = f'<p class="note">{_escape(_no_command_note(report))}</p>'
     typed = report.environment.get("command")
     if typed:
         reproduce += f'<p class="note">Command as typed:</p><pre><code>{_escape(typed)}</code></pre>'
@@ -314,6 +365,32 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
         f'<header><h1>{_escape(title)}</h1><dl class="facts">{header}</dl><nav>{nav}</nav></header>\n'
         f"{warning}{content}\n</main>\n</body>\n</html>\n"
     )
+
+
+def _settings_html(report: RunAnalysis, figures: Figures) -> str:
+    body = f'<p class="note">{_escape(settings_intro(report))}</p>'
+    for model in report.settings:
+        headers, rows, text = settings_table(model)
+        items = "".join(f'<li class="{_verdict_class(c)}">{_escape(c.sentence())}</li>' for c in model.tests)
+        body += (
+            f'<h3>{_escape(model.model)}</h3><p class="choice">{_escape(model.sentence())}</p>'
+            + html_table(headers, rows, text_columns=text, best=_best_row(model, rows))
+            + (f'<ul class="verdicts">{items}</ul>' if items else "")
+            + f'<p class="note">{_escape(settings_note(model))}</p>'
+        )
+    plots = "".join(_figure(path, settings_caption(key, report)) for key, path in figures.settings.items())
+    if plots:
+        body += f'<h3>Accuracy against each swept setting</h3><div class="figures">{plots}</div>'
+    return body
+
+
+def _best_row(model: ModelSettings, rows: Sequence[Sequence[str]]) -> dict[int, set[int]]:
+    """The best setting's row, bold."""
+    best = model.best
+    if best is None:
+        return {}
+    index = [a.arm for a in model.arms].index(best.arm)
+    return {index: set(range(len(rows[index])))}
 
 
 def _best_per_row(rows: Sequence[Sequence[str]], first_value: int) -> dict[int, set[int]]:
@@ -359,6 +436,8 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
         out.append("")
         headers, rows = pairwise_table(report.comparisons)
         out.append(markdown_table(headers, rows, text_columns=PAIRWISE_TEXT_COLUMNS))
+    if report.settings:
+        out += _settings_markdown(report, figures)
     out.append("## Size, cost and speed\n")
     headers, rows = cost_table(report.details)
     out.append(markdown_table(headers, rows, text_columns=COST_TEXT_COLUMNS))
@@ -392,7 +471,7 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
         else:
             out.append(f"{d.name}: no mistakes to show.\n")
     out.append("## Reproduce\n")
-    out.append(f"```sh\n{report.command}\n```\n" if report.command else f"{_no_command_note()}\n")
+    out.append(f"```sh\n{report.command}\n```\n" if report.command else f"{_no_command_note(report)}\n")
     typed = report.environment.get("command")
     if typed:
         out.append(f"Command as typed: `{typed}`\n")
@@ -403,3 +482,22 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
     out.append("### Configuration (config.toml)\n")
     out.append(f"```toml\n{report.config_text.rstrip()}\n```\n")
     return "\n".join(out)
+
+
+def _settings_markdown(report: RunAnalysis, figures: Figures) -> list[str]:
+    out = ["## Settings\n", settings_intro(report) + "\n"]
+    for model in report.settings:
+        headers, rows, text = settings_table(model)
+        out.append(f"### {model.model}\n")
+        out.append(f"**{model.sentence()}**\n")
+        out.append(markdown_table(headers, rows, text_columns=text))
+        if model.tests:
+            out += [f"- {c.sentence()}" for c in model.tests]
+            out.append("")
+        out.append(settings_note(model) + "\n")
+    if figures.settings:
+        out.append("### Accuracy against each swept setting\n")
+        for key, path in figures.settings.items():
+            out.append(f"{settings_caption(key, report)}.\n")
+            out.append(_md_image(path, report.folder.path, f"accuracy against {key}"))
+    return out

@@ -12,6 +12,8 @@ Layout of `runs/<timestamp>-<name>/`:
                    augmented.pt (with augmentation: training images and augmented versions of them)
     <arm>/seed-<n>/checkpoint.pt   (while training; removed when the unit is finished)
     comparison.{md,csv,json}, figures, report.{html,md}   (written by the report)
+    sources.json             (a run combined from others by `cnnlab report A B -o DIR`: each source
+                             run, its data selection, seeds and arms; its units are copies of theirs)
 
 An arm's folder is derived from its name (config.safe_folder_name): no name read from an input
 chooses a path. Every file is written atomically (files.py); `metrics.json` is written last for a
@@ -24,6 +26,7 @@ import csv
 import io
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -72,6 +75,9 @@ _RESTART = "delete it to train this unit from its start, then resume again"
 CONFIG = "config.toml"
 ENVIRONMENT = "environment.json"
 FINISHED_MARK = "metrics.json"
+SOURCES = "sources.json"
+# A unit's files copied last, in this order: metrics.json marks the copy finished only once all is there.
+_COPIED_LAST = ("status.json", FINISHED_MARK)
 
 
 class RunFolder:
@@ -122,6 +128,20 @@ class RunFolder:
             raise RunError(f"{path} is not a folder; give a run folder made by `cnnlab train` or `cnnlab compare`")
         if not (path / CONFIG).is_file():
             raise RunError(f"{path / CONFIG} is missing; give a run folder made by `cnnlab train` or `cnnlab compare`")
+        return cls(path)
+
+    @classmethod
+    def create_at(cls, path: Path) -> RunFolder:
+        """A new run folder at exactly `path` (a combined run's `-o DIR`): refused when `path` exists
+        and is not an empty folder, so no run's files are ever mixed with another's."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            kind = "is not empty" if path.is_dir() else "exists and is not a folder"
+            raise RunError(f"{path} {kind}; give a new folder for the combined run with -o")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot create {path}: {exc.strerror or exc}; choose a writable folder with -o") from None
         return cls(path)
 
     # -- the plan --------------------------------------------------------------------------------
@@ -217,6 +237,23 @@ class RunFolder:
             return read_json(self.path / ENVIRONMENT)
         except RunError:
             return {}
+
+    def write_sources(self, sources: list[dict[str, Any]]) -> None:
+        """Record the runs a combined run was made from (sources.json)."""
+        write_json(self.path / SOURCES, sources)
+
+    def read_sources(self) -> list[dict[str, Any]] | None:
+        """The runs this run was combined from (sources.json), or None for a run trained here."""
+        path = self.path / SOURCES
+        if not path.exists():
+            return None
+        sources = read_json(path)
+        if not isinstance(sources, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("arms"), dict) and isinstance(s.get("seeds"), list)
+            and isinstance(s.get("data"), dict) for s in sources
+        ):  # fmt: skip
+            raise RunError(f"{path} is not a list of source runs; the run folder is damaged")
+        return sources
 
     # -- units -----------------------------------------------------------------------------------
 
@@ -321,6 +358,40 @@ class RunFolder:
         keys = ("images", "labels", "predictions", "confidences")
         return _tensor_dict(path, keys) if path.exists() else None
 
+    def first_finished(self, plan: RunPlan) -> Unit | None:
+        """The plan's first finished unit, arm by arm, seed by seed; None when none has finished."""
+        return next((unit for unit in plan.units() if self._finished(unit)), None)
+
+    def has_files(self, unit: Unit) -> bool:
+        """Whether the unit's folder exists (it started, or was at least given a status)."""
+        return self.unit_dir(unit).is_dir()
+
+    def copy_unit(self, source: RunFolder, source_unit: Unit, unit: Unit) -> None:
+        """Copy a unit's files from another run folder (the source is left as it is), each atomically,
+        metrics.json last; a renamed arm's name is updated in the copy's metrics.json."""
+        origin, target = source.unit_dir(source_unit), self.unit_dir(unit)
+
+        def order(path: Path) -> tuple[int, str]:
+            relative = path.relative_to(origin).as_posix()
+            return (_COPIED_LAST.index(relative) + 1 if relative in _COPIED_LAST else 0, relative)
+
+        files = sorted(
+            (p for p in origin.rglob("*") if p.is_file() and not p.name.endswith(TEMPORARY_SUFFIX)), key=order
+        )
+        for path in files:
+            relative = path.relative_to(origin)
+            if relative.as_posix() == FINISHED_MARK and unit.arm.name != source_unit.arm.name:
+                metrics = read_json(path)
+                if isinstance(metrics, dict) and "arm" in metrics:
+                    metrics["arm"] = unit.arm.name
+                write_json(target / relative, metrics)
+                continue
+            try:
+                with atomic_path(target / relative) as tmp:
+                    shutil.copyfile(path, tmp)
+            except OSError as exc:
+                raise RunError(f"cannot copy {path}: {exc.strerror or exc}") from None
+
     def _finished(self, unit: Unit) -> bool:
         return (self.unit_dir(unit) / FINISHED_MARK).exists()
 
@@ -373,6 +444,19 @@ class RunFolder:
         path = self.output(name)
         write_json(path, data)
         return path
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The folders directly in `runs_dir`, by name (hidden ones left out): run folders, and whatever else
+    is there; RunError when `runs_dir` is not a folder."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        what = "is not a folder" if runs_dir.exists() else "does not exist"
+        raise RunError(f"{runs_dir} {what}; give the folder that holds run folders (default: runs)")
+    try:
+        return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise RunError(f"{runs_dir} cannot be read ({exc.strerror or exc})") from None
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "history", "torch_rng", "shuffle_rng")

@@ -54,54 +54,85 @@ def check_fits(plan: RunPlan, dataset: Dataset) -> None:
             )
 
 
+@dataclass(frozen=True)
+class UnitOutcome:
+    """How one unit's training ended: finished (with its metrics) or failed (with its error)."""
+
+    unit: Unit
+    state: str  # "finished" or "failed"
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def pending_units(folder: RunFolder, plan: RunPlan) -> list[Unit]:
+    """The plan's units that are not finished (pending, interrupted or failed), in plan order."""
+    folder.remove_partial_files()
+    return [unit for unit in plan.units() if folder.status(unit).state != "finished"]
+
+
+def train_unit(
+    folder: RunFolder, unit: Unit, data: DeviceData, hardware: Hardware, reporter: Reporter | None = None
+) -> UnitOutcome:
+    """Train one unit into the run folder with `hardware.threads` threads and record how it ended.
+
+    A failure at run time (out of memory, a diverging loss) is recorded as the unit's state and
+    returned; Ctrl-C marks the unit interrupted and propagates; a damaged file is a RunError."""
+    status = folder.status(unit)
+    folder.set_status(unit, UnitStatus("running", status.epochs_done))
+    device = torch.device(hardware.device)
+    checkpoint = folder.checkpoint(unit, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hardware.threads)  # the thread count is part of a CPU result's bits
+    try:
+        result = train(unit.arm.spec, unit.arm.recipe, unit.seed, data.splits(unit.seed), hardware,
+                       reporter=reporter, checkpoint=checkpoint)  # fmt: skip
+    except CheckpointMismatch as exc:
+        folder.set_status(unit, status)
+        raise RunError(
+            f"{checkpoint.path} does not fit {unit.label} ({first_line(exc)}); delete it to train "
+            "this unit from its start, then resume again"
+        ) from None
+    except CnnlabError:
+        folder.set_status(unit, status)  # a damaged file: the unit stays as it was
+        raise
+    except KeyboardInterrupt:
+        folder.set_status(unit, UnitStatus("interrupted", folder.status(unit).epochs_done))
+        raise
+    except (RuntimeError, FloatingPointError, MemoryError) as exc:  # out of memory, divergence, at run time
+        message = f"{type(exc).__name__}: {first_line(exc)}"
+        folder.set_status(unit, UnitStatus("failed", folder.status(unit).epochs_done, message))
+        return UnitOutcome(unit, "failed", message)
+    finally:
+        torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    saved = _save(folder, unit, result, data, hardware)
+    return UnitOutcome(unit, "finished", metrics=saved.metrics)
+
+
 def run_units(
     folder: RunFolder,
     plan: RunPlan,
     data: DeviceData,
     hardware: Hardware,
     make_reporter: Callable[[Unit], Reporter] | None = None,
+    on_outcome: Callable[[UnitOutcome], None] | None = None,
 ) -> RunOutcome:
-    """Train every unit of the plan that is not finished; Ctrl-C marks the current one interrupted."""
-    folder.remove_partial_files()
-    device = torch.device(hardware.device)
-    failed: list[tuple[Unit, str]] = []
+    """Train every unit of the plan that is not finished, one after another in this process."""
+    for unit in pending_units(folder, plan):
+        outcome = train_unit(folder, unit, data, hardware, make_reporter(unit) if make_reporter else None)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcome_of(folder, plan)
+
+
+def outcome_of(folder: RunFolder, plan: RunPlan) -> RunOutcome:
+    """The run's finished results and its failed units, as the folder records them."""
+    failed = []
     for unit in plan.units():
         status = folder.status(unit)
-        if status.state == "finished":
-            continue
-        folder.set_status(unit, UnitStatus("running", status.epochs_done))
-        checkpoint = folder.checkpoint(unit, device)
-        try:
-            result = train(
-                unit.arm.spec,
-                unit.arm.recipe,
-                unit.seed,
-                data.splits(unit.seed),
-                hardware,
-                reporter=make_reporter(unit) if make_reporter else None,
-                checkpoint=checkpoint,
-            )
-        except CheckpointMismatch as exc:
-            folder.set_status(unit, status)
-            raise RunError(
-                f"{checkpoint.path} does not fit {unit.label} ({first_line(exc)}); delete it to train "
-                "this unit from its start, then resume again"
-            ) from None
-        except CnnlabError:
-            folder.set_status(unit, status)  # a damaged file: the unit stays as it was
-            raise
-        except KeyboardInterrupt:
-            folder.set_status(unit, UnitStatus("interrupted", folder.status(unit).epochs_done))
-            raise
-        except (RuntimeError, FloatingPointError, MemoryError) as exc:  # out of memory and the like, at run time
-            message = f"{type(exc).__name__}: {first_line(exc)}"
-            folder.set_status(unit, UnitStatus("failed", folder.status(unit).epochs_done, message))
-            failed.append((unit, message))
-            continue
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        _save(folder, unit, result, data, hardware)
+        if status.state == "failed":
+            failed.append((unit, status.error or "failed"))
     return RunOutcome(folder.results(plan), failed)
 
 

@@ -7,7 +7,8 @@ the interval of the difference uses the Welch-Satterthwaite degrees of freedom. 
 comparison of a run is one family: a verdict needs its Holm-adjusted p-value below alpha, so the
 chance of any false verdict stays at alpha however many arms there are. The intervals shown are
 each pair's own (unadjusted) 95% intervals. When every seed of both arms scores the same, the
-seeds do not vary and no test is possible.
+seeds do not vary and no test is possible. In a sweep, each model's best setting is also tested
+against each of that model's runners-up (`against_best`): those tests form one family per model.
 """
 
 from __future__ import annotations
@@ -259,22 +260,25 @@ class Choice:
     metric: str  # "validation accuracy" or "test accuracy"
     value: float  # its mean over the arm's seeds
     on_test: bool
+    # Why the test set was used although some arms held out validation images ('' when it was not).
+    reason: str = ""
 
-    def sentence(self) -> str:
+    def sentence(self, subject: str | None = None) -> str:
+        """The choice in words; `subject` replaces 'Best: <arm>' (e.g. a model's best setting)."""
+        subject = subject or f"Best: {self.arm}"
         if self.on_test:
-            return (
-                f"Best: {self.arm}, by mean test accuracy {self.value:.4f}: chosen on the test set (optimistic; "
-                "with --val-split the choice is made on held-out training images instead)"
-            )
+            why = self.reason or "with --val-split the choice is made on held-out training images instead"
+            return f"{subject}, by mean test accuracy {self.value:.4f}: chosen on the test set (optimistic; {why})"
         return (
-            f"Best: {self.arm}, by mean validation accuracy {self.value:.4f} on held-out training images "
+            f"{subject}, by mean validation accuracy {self.value:.4f} on held-out training images "
             "(its test accuracy was not used to choose it)"
         )
 
 
-def choose_best(units: Sequence[UnitResult], on_validation: bool) -> Choice | None:
+def choose_best(units: Sequence[UnitResult], on_validation: bool, reason: str = "") -> Choice | None:
     """The arm with the best mean accuracy: validation accuracy when the run held out validation
-    images, otherwise test accuracy, labelled as chosen on the test set. None with one arm."""
+    images, otherwise test accuracy, labelled as chosen on the test set (`reason`: why, when the run
+    did hold out images). None with one arm."""
     groups = group_by_arm(units)
     if len(groups) < 2:
         return None
@@ -290,4 +294,19 @@ def choose_best(units: Sequence[UnitResult], on_validation: bool) -> Choice | No
         return None
     best = max(valid, key=lambda arm: valid[arm])
     metric = "validation accuracy" if on_validation else "test accuracy"
-    return Choice(best, metric, valid[best], on_test=not on_validation)
+    return Choice(best, metric, valid[best], on_test=not on_validation, reason="" if on_validation else reason)
+
+
+def against_best(units: Sequence[UnitResult], best: str, alpha: float = 0.05) -> list[Comparison]:
+    """The arm `best` against every other arm of `units` (its runners-up, by mean test accuracy), each
+    by Welch's test on per-seed test accuracy; the testable comparisons form one family of their own,
+    whose p-values are Holm-adjusted."""
+    accuracies = {arm: [u.test_accuracy for u in group] for arm, group in group_by_arm(units).items()}
+    means = {arm: float(np.mean(values)) for arm, values in accuracies.items()}
+    others = sorted((a for a in accuracies if a != best), key=lambda m: (math.isnan(means[m]), -means[m]))
+    raw = [welch(accuracies[best], accuracies[other], best, other, alpha) for other in others]
+    tested = [i for i, c in enumerate(raw) if c.testable]
+    out = list(raw)
+    for i, p in zip(tested, holm([raw[i].p_value for i in tested])):
+        out[i] = replace(raw[i], p_adjusted=p, family=len(tested))
+    return out

@@ -1,7 +1,8 @@
 """The tables a run shows, as text cells, and the one Markdown table writer.
 
 The comparison table (one row per arm, statistics over its seeds) appears in the terminal (Rich),
-in Markdown, CSV and JSON; the pairwise, cost and per-class tables appear in the report.
+in Markdown, CSV and JSON; the pairwise, settings (a sweep's best setting per model), cost and
+per-class tables appear in the report.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from cnnlab.analysis import ArmDetails
+from cnnlab.analysis import ArmDetails, ModelSettings, SettingArm
 from cnnlab.models import format_flops
-from cnnlab.stats import ArmStats, Choice, Comparison
+from cnnlab.stats import Aggregate, ArmStats, Choice, Comparison
 
 Rows = list[list[str]]
 
@@ -126,10 +127,15 @@ def statistics_note(rows: Sequence[ArmStats], comparisons: Sequence[Comparison])
 
 
 def comparison_markdown(
-    rows: Sequence[ArmStats], comparisons: Sequence[Comparison], choice: Choice | None = None
+    rows: Sequence[ArmStats],
+    comparisons: Sequence[Comparison],
+    choice: Choice | None = None,
+    settings: Sequence[ModelSettings] = (),
 ) -> str:
-    """comparison.md: the table, what its numbers are, the best arm, then the verdicts."""
-    verdicts = (f"- {choice.sentence()}\n" if choice else "") + "".join(f"- {c.sentence()}\n" for c in comparisons)
+    """comparison.md: the table, what its numbers are, the best arm (and each model's best setting in a
+    sweep), then the verdicts."""
+    verdicts = (f"- {choice.sentence()}\n" if choice else "") + "".join(f"- {m.sentence()}\n" for m in settings)
+    verdicts += "".join(f"- {c.sentence()}\n" for c in comparisons)
     table = markdown_table(comparison_headers(rows), comparison_rows(rows), comparison_text_columns(rows))
     return table + f"\n{statistics_note(rows, comparisons)}\n" + (f"\n{verdicts}" if verdicts else "")
 
@@ -180,12 +186,27 @@ def comparison_csv(rows: Sequence[ArmStats]) -> str:
     return out.getvalue()
 
 
+def _choice_record(choice: Choice, sentence: str) -> dict[str, Any]:
+    record = dict(asdict(choice), sentence=sentence)
+    if not record["reason"]:
+        del record["reason"]
+    return record
+
+
+def _comparison_record(c: Comparison) -> dict[str, Any]:
+    return dict(asdict(c), testable=c.testable, significant=c.significant, sentence=c.sentence())
+
+
 def comparison_json(
-    rows: Sequence[ArmStats], comparisons: Sequence[Comparison], choice: Choice | None = None
+    rows: Sequence[ArmStats],
+    comparisons: Sequence[Comparison],
+    choice: Choice | None = None,
+    settings: Sequence[ModelSettings] = (),
 ) -> dict[str, Any]:
-    """comparison.json: the records, the best arm and how it was chosen, and every pairwise test."""
+    """comparison.json: the records, the best arm and how it was chosen, and every pairwise test; in a
+    sweep also `best_settings`: per model, its best setting and its tests against the runners-up."""
     family = max((c.family for c in comparisons if c.testable), default=0)
-    return {
+    data = {
         "models": records(rows),
         "statistics": {
             "spread": "sample standard deviation over seeds (null for one seed)",
@@ -197,10 +218,46 @@ def comparison_json(
             "difference_intervals": "95%, unadjusted",
             "note": statistics_note(rows, comparisons),
         },
-        "best": None if choice is None else dict(asdict(choice), sentence=choice.sentence()),
-        "pairwise": [
-            dict(asdict(c), testable=c.testable, significant=c.significant, sentence=c.sentence()) for c in comparisons
-        ],
+        "best": None if choice is None else _choice_record(choice, choice.sentence()),
+        "pairwise": [_comparison_record(c) for c in comparisons],
+    }
+    if settings:
+        data["best_settings"] = [settings_record(m) for m in settings]
+    return data
+
+
+def _aggregate_record(agg: Aggregate | None) -> dict[str, Any] | None:
+    if agg is None:
+        return None
+    return {"mean": agg.mean, "std": _or_none(agg.std), "ci_low": _or_none(agg.ci_low),
+            "ci_high": _or_none(agg.ci_high), "n": agg.n}  # fmt: skip
+
+
+def settings_record(model: ModelSettings) -> dict[str, Any]:
+    """One model of comparison.json's `best_settings`: its arms, its best setting and the tests."""
+    return {
+        "model": model.model,
+        "swept": list(model.swept),
+        "arms": [
+            {
+                "arm": a.arm,
+                "settings": a.settings,
+                "test_accuracy": _aggregate_record(a.test_accuracy),
+                "val_accuracy": _aggregate_record(a.val_accuracy),
+            }
+            for a in model.arms
+        ],  # fmt: skip
+        "best": None
+        if model.choice is None or model.best is None
+        else dict(_choice_record(model.choice, model.sentence()), settings=model.best.settings),
+        "tests": {
+            "test": "Welch's two-sided t-test on per-seed test accuracy: the best setting against each runner-up",
+            "adjustment": "holm" if model.family > 1 else "none",
+            "family": f"the {model.model} comparisons only (one family per model)",
+            "family_size": model.family,
+            "alpha": 0.05,
+            "comparisons": [_comparison_record(c) for c in model.tests],
+        },
     }
 
 
@@ -234,18 +291,83 @@ def pairwise_table(comparisons: Sequence[Comparison]) -> tuple[list[str], Rows]:
     ]
     rows = []
     for c in comparisons:
-        if not c.testable:
-            verdict = "seeds do not vary: no test" if not c.seeds_vary else "not tested"
-        elif c.significant:
-            verdict = f"{c.a if c.difference > 0 else c.b} better"
-        else:
-            verdict = "no significant difference"
+        verdict = _verdict(c)
         ci = "–" if math.isnan(c.ci_low) else f"{c.ci_low * 100:.2f} to {c.ci_high * 100:.2f}"
         seeds = str(c.n_a) if c.n_a == c.n_b else f"{c.n_a} / {c.n_b}"
         rows.append(
             [c.a, c.b, _pp(c.difference), ci, _p(c.p_value), _p(c.p_adjusted) if c.testable else "–", seeds, verdict]
         )
     return headers, rows
+
+
+def _agg_cells(agg: Aggregate | None) -> list[str]:
+    if agg is None:
+        return []
+    return ["–" if math.isnan(agg.mean) else agg.format(), agg.format_ci() or "–"]
+
+
+def settings_table(model: ModelSettings) -> tuple[list[str], Rows, tuple[int, ...]]:
+    """One model's arms in a sweep: its swept settings, the arm, validation accuracy (with held-out
+    images), test accuracy, then the best setting minus this one in test accuracy with Welch's test,
+    Holm-adjusted over this model's comparisons. Returns the headers, the rows and the text columns."""
+    validation = any(a.val_accuracy is not None for a in model.arms)
+    headers = [*model.swept, "Arm"]
+    headers += ["Val acc", "Val acc 95% CI"] if validation else []
+    headers += ["Test acc", "Test acc 95% CI", "Seeds", "Best − this (pp)", "95% CI (pp, unadjusted)"]
+    headers += ["p (Welch)", "p (Holm)", "Verdict"]
+    tests = {c.b: c for c in model.tests}
+    best = model.best
+    rows = []
+    for a in model.arms:
+        cells = [_setting_cell(a, key) for key in model.swept] + [a.arm]
+        cells += _agg_cells(a.val_accuracy) + _agg_cells(a.test_accuracy) + [str(a.test_accuracy.n)]
+        c = tests.get(a.arm)
+        if best is not None and a.arm == best.arm:
+            cells += ["", "", "", "", f"best (by {model.choice.metric})" if model.choice else "best"]
+        elif c is None:
+            cells += ["–", "–", "–", "–", ""]
+        else:
+            ci = "–" if math.isnan(c.ci_low) else f"{c.ci_low * 100:.2f} to {c.ci_high * 100:.2f}"
+            cells += [_pp(c.difference), ci, _p(c.p_value), _p(c.p_adjusted) if c.testable else "–", _verdict(c)]
+        rows.append(cells)
+    text = tuple(range(len(model.swept) + 1)) + (len(headers) - 1,)
+    return headers, rows, text
+
+
+def _setting_cell(arm: SettingArm, key: str) -> str:
+    value = arm.settings.get(key)
+    return "none" if value is None else (repr(value) if isinstance(value, float) else str(value))
+
+
+def _verdict(c: Comparison) -> str:
+    if not c.testable:
+        return "seeds do not vary: no test" if not c.seeds_vary else "not tested"
+    if c.significant:
+        return f"{c.a if c.difference > 0 else c.b} better"
+    return "no significant difference"
+
+
+def settings_note(model: ModelSettings) -> str:
+    """What a model's settings table and its verdicts are, in words."""
+    basis = (
+        f"The best setting is chosen by mean {model.choice.metric} over seeds"
+        + (" on the test set (optimistic: the test set chose it, so its lead is flattered)" if model.choice.on_test
+           else " on held-out training images, not on the test set")
+        if model.choice
+        else "No setting has a valid accuracy"
+    )  # fmt: skip
+    family = model.family
+    if family > 1:
+        tests = (
+            f"Welch's t-tests of the best setting against each of the {family} runners-up on per-seed test accuracy, "
+            f"Holm-adjusted over these {family} comparisons: one family per model, apart from the pairwise "
+            "comparisons of the whole run"
+        )
+    elif family == 1:
+        tests = "Welch's t-test of the best setting against the runner-up on per-seed test accuracy (one comparison)"
+    else:
+        tests = "No test against the runners-up: it needs at least 2 seeds per arm whose accuracies vary"
+    return f"{basis}. {tests}; intervals of differences are unadjusted 95%."
 
 
 COST_TEXT_COLUMNS = (0, 9)
