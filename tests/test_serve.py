@@ -348,7 +348,7 @@ def mnist_run(real_data_dir, tmp_path_factory) -> Path:
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).is_file() and shutil.which("chromium") is None:
-        pytest.skip("the page test needs Chromium (/usr/bin/chromium)")
+        pytest.skip(reason="the page test needs Chromium (/usr/bin/chromium)")
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(
             executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"), args=CHROMIUM_ARGS
