@@ -20,7 +20,21 @@ from cnnlab.config import DataSelection, HardwareRequest, Recipe
 from cnnlab_cli import cnnlab_command, run_cnnlab
 from synthetic import SMALL_SPEC, learnable_arrays, write_dataset_folder
 
-COMMANDS = ["models", "summary", "convert", "datasets", "train", "compare", "evaluate", "report"]
+COMMANDS = [
+    "models",
+    "summary",
+    "convert",
+    "datasets",
+    "train",
+    "compare",
+    "sweep",
+    "evaluate",
+    "report",
+    "runs",
+    "predict",
+    "export",
+    "serve",
+]
 
 
 def test_console_script_help_and_version():
