@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras: tests use Keras on torch
+
 from pathlib import Path
 
 import pytest

@@ -1,8 +1,9 @@
 """Where model specs come from: one way from a name or a path to a `ModelSpec`.
 
 A model is named by a built-in name (the spec files in `cnnlab/zoo/`), or by the path of a spec
-file: cnnlab's own TOML or JSON, or Keras's `model.to_json()` (recognised by its `class_name`
-and `config` keys). Everything that reads a spec (the CLI, the run folder, the report) comes here.
+file: cnnlab's own TOML or JSON, Keras's `model.to_json()` (recognised by its `class_name` and
+`config` keys), or a Keras model file (`.keras`, legacy `.h5`/`.hdf5`), whose architecture is read
+and weights left alone. Everything that reads a spec (the CLI, the run folder, the report) comes here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.errors import SpecError
+from cnnlab.keras_files import is_keras_file, read_keras_spec
 from cnnlab.keras_json import spec_from_keras_json
 from cnnlab.spec import ModelSpec, SpecLocation, parse_spec
+
+SPEC_SUFFIXES = ".toml/.json spec or a Keras .keras/.h5"
 
 
 def builtin_models() -> list[str]:
@@ -31,17 +35,20 @@ def builtin_spec_text(name: str) -> str:
 
 
 def load_spec(name_or_path: str | Path) -> ModelSpec:
-    """A built-in model by name, or a spec file by path (.toml, .json or Keras JSON)."""
+    """A built-in model by name, or a spec file by path (.toml, .json, Keras JSON, .keras, .h5 or .hdf5)."""
     text = str(name_or_path)
     if isinstance(name_or_path, str) and text in builtin_models():
         return spec_from_text(builtin_spec_text(text), source=f"cnnlab/zoo/{text}.toml", default_name=text)
     path = Path(name_or_path)
-    if path.suffix.lower() not in (".toml", ".json") and not path.exists():
+    if path.suffix.lower() not in (".toml", ".json") and not is_keras_file(path) and not path.exists():
         raise SpecError(_unknown(text))
     if not path.is_file():
         raise SpecError(
-            f"{path}: no such spec file; give a built-in model name (see `cnnlab models`) or a .toml/.json path"
+            f"{path}: no such spec file; give a built-in model name (see `cnnlab models`) or the path of a "
+            f"{SPEC_SUFFIXES} file"
         )
+    if is_keras_file(path):
+        return read_keras_spec(path)
     try:
         content = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -76,5 +83,5 @@ def builtin_name_of(spec: ModelSpec) -> str | None:
 def _unknown(name: str) -> str:
     return (
         f"unknown model '{name}'; built-in models: {', '.join(builtin_models())} "
-        "(or give the path of a .toml/.json spec)"
+        f"(or give the path of a {SPEC_SUFFIXES} file)"
     )
