@@ -20,8 +20,8 @@ from cnnlab.errors import ConfigError
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("epochs", 0, "--epochs must be an integer >= 1, got 0"),
-        ("epochs", 2.5, "--epochs must be an integer >= 1, got 2.5"),
+        ("epochs", -1, "--epochs must be an integer >= 0, got -1"),  # 0: only with --init-from (the plan checks)
+        ("epochs", 2.5, "--epochs must be an integer >= 0, got 2.5"),
         ("batch_size", -1, "--batch-size must be an integer >= 1"),
         ("learning_rate", 0.0, "--lr must be a positive number"),
         ("learning_rate", float("nan"), "--lr must be a positive number"),

@@ -84,8 +84,8 @@ def test_epoch_metrics_are_running_means_over_training_batches(tiny_images, monk
     batch_losses: list[tuple[float, int, int]] = []
     make = engine.new_model
 
-    def recording_model(spec, seed, hardware):
-        model = make(spec, seed, hardware)
+    def recording_model(spec, seed, hardware, numerics=3):
+        model = make(spec, seed, hardware, numerics)
         model.register_forward_hook(
             lambda module, args, out: batch_losses.append((out.detach(), module.training)) if module.training else None
         )

@@ -258,7 +258,8 @@ def test_resume_into_an_unwritable_folder_fails_before_training(tmp_path, data_d
     [
         (["--val-split", "0.999", "--limit-train", "10"], "--val-split 0.999 leaves 10 of 10"),
         (["--val-split", "0.01", "--limit-train", "10"], "--val-split 0.01 leaves 0 of 10"),
-        (["--epochs", "0"], "--epochs must be an integer >= 1"),
+        (["--epochs", "0"], "--epochs 0 trains nothing: it tests the weights of --init-from FILE"),
+        (["--epochs", "-1"], "--epochs must be an integer >= 0"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
         (["--seed", "-5"], "seeds must be non-negative"),

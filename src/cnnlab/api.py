@@ -17,9 +17,12 @@ these functions by keyword and renders what they return.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +37,7 @@ from cnnlab.config import (
     DataSelection,
     Hardware,
     HardwareRequest,
+    InitialWeights,
     Recipe,
     RunPlan,
     Unit,
@@ -47,11 +51,14 @@ from cnnlab.engine import evaluate as evaluate_model
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.hardware import check_available, resolve_device, resolve_hardware
 from cnnlab.image_folders import load_selection
+from cnnlab.keras_files import KerasArchive, read_keras_file
+from cnnlab.keras_weights import state_dict_from_keras
 from cnnlab.memory import check_fits_in_memory
 from cnnlab.plots import (
     CURVES,
     confusion_figure,
     curve_path,
+    has_curves,
     image_grid_figure,
     learning_rate_figure,
     mistakes_figure,
@@ -88,10 +95,21 @@ def plan_run(
     seeds: Sequence[int] = (0,),
     data: DataSelection = DataSelection(),
     hardware: HardwareRequest = HardwareRequest(),
+    init_from: Path | str | None = None,
 ) -> RunPlan:
-    """Resolve models (built-in names, spec files, Keras JSON, or specs), recipes, seeds and hardware
-    into a plan of arms and units; every check that needs no data happens here."""
+    """Resolve models (built-in names, spec files, Keras JSON or model files, or specs), recipes, seeds
+    and hardware into a plan of arms and units; every check that needs no data happens here.
+
+    `init_from` is a Keras model file (.keras or .h5) whose weights every unit starts from instead of
+    its seed's initialisation (seeds then differ in data order, dropout and augmentation); every
+    model must have its layers' shapes. With it, `Recipe(epochs=0)` tests the file's weights as they are."""
     specs = [m if isinstance(m, ModelSpec) else load_spec(m) for m in models]
+    initial = None
+    if init_from is not None:
+        archive, digest = _read_initial_weights(init_from)
+        for spec in specs:
+            state_dict_from_keras(spec, archive.weights, archive.source)  # refused here if a layer does not fit
+        initial = InitialWeights(str(init_from), digest)
     seeds = tuple(seeds)
     if (
         not seeds
@@ -101,7 +119,36 @@ def plan_run(
         raise ConfigError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
     for recipe in recipes:
         check_no_choice_on_test(recipe, data)
-    return RunPlan(make_arms(specs, tuple(recipes)), seeds, data, hardware, resolve_hardware(hardware))
+        if recipe.epochs == 0 and initial is None:
+            raise ConfigError(
+                "--epochs 0 trains nothing: it tests the weights of --init-from FILE; give --init-from too"
+            )
+    arms = make_arms(specs, tuple(recipes))
+    return RunPlan(arms, seeds, data, hardware, resolve_hardware(hardware), initial_weights=initial)
+
+
+def _read_initial_weights(path: Path | str) -> tuple[KerasArchive, str]:
+    """A Keras model file's architecture and weights, and the SHA-256 of its bytes."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(
+            f"--init-from {path}: cannot be read ({exc.strerror or exc}); give a Keras model file (.keras or .h5)"
+        ) from None
+    return read_keras_file(path), digest
+
+
+def _initial_state_dicts(plan: RunPlan) -> dict[str, dict[str, torch.Tensor]]:
+    """Each arm's starting weights from the plan's `--init-from` file, checked to be the file the plan
+    was made with (its SHA-256)."""
+    if plan.initial_weights is None:
+        return {}
+    archive, digest = _read_initial_weights(plan.initial_weights.source)
+    if digest != plan.initial_weights.sha256:
+        raise ConfigError(
+            f"--init-from {plan.initial_weights.source}: the file changed since the run was planned; plan it again"
+        )
+    return {arm.folder: state_dict_from_keras(arm.spec, archive.weights, archive.source) for arm in plan.arms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,18 +173,28 @@ def load_data(selection: DataSelection, *, progress: bool = False) -> Dataset:
 
 
 def prepare(
-    plan: RunPlan, *, runs_dir: Path | str = "runs", name: str = "compare", progress: bool = False
+    plan: RunPlan,
+    *,
+    runs_dir: Path | str = "runs",
+    name: str = "compare",
+    progress: bool = False,
+    out_dir: Path | str | None = None,
 ) -> PreparedRun:
-    """Load and check the data, then create the run folder and record the plan.
+    """Load and check the data, then create the run folder (`runs_dir/<time>-<name>`, or exactly
+    `out_dir`, which must not exist or be empty) and record the plan.
 
     Everything that can be refused is refused before the folder exists."""
     dataset = load_data(plan.data, progress=progress)
     plan = dataclasses.replace(plan, data=dataset.recorded or plan.data)  # a folder dataset's split, recorded
     check_fits(plan, dataset)
     check_fits_in_memory(plan, dataset)
+    initial = _initial_state_dicts(plan)
     data = DeviceData(dataset, plan.data, check_available(plan.hardware))
-    folder = RunFolder.create(Path(runs_dir), name)
+    folder = RunFolder.create(Path(runs_dir), name) if out_dir is None else RunFolder.create_at(Path(out_dir))
     folder.write_plan(plan)
+    for arm in plan.arms:
+        if arm.folder in initial:
+            folder.write_initial_weights(arm, initial[arm.folder])
     return PreparedRun(folder, plan, plan.hardware, dataset, data)
 
 
@@ -259,6 +316,43 @@ def resume(
 
 
 # ---------------------------------------------------------------------------------------------
+# A Keras model file as a run
+
+
+@contextlib.contextmanager
+def keras_model_run(
+    path: Path | str,
+    *,
+    dataset: str = "mnist",
+    data_dir: Path | str | None = None,
+    limit_test: int | None = None,
+    out_dir: Path | str | None = None,
+) -> Iterator[Path]:
+    """A Keras model file (.keras or .h5) as a one-model run folder, so that every command that reads
+    runs (evaluate, predict, report, export, serve) reads it too: its weights are tested as they are
+    (0 epochs, CPU, fp32) on `dataset`'s test split. The folder is `out_dir` (new or empty), else a
+    temporary one that is deleted on leaving the `with` block."""
+    spec = load_spec(path)
+    plan = plan_run(
+        [spec], recipes=[Recipe(epochs=0)], data=DataSelection(dataset=dataset, data_dir=_text(data_dir),
+        limit_test=limit_test), hardware=HardwareRequest(device="cpu", precision="fp32", compile="off"),
+        init_from=path,
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        target = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        prepared = prepare(plan, out_dir=target)
+        outcome = execute(prepared)
+        if outcome.failed:
+            unit, error = outcome.failed[0]
+            raise RunError(f"{path}: testing {unit.arm.name} failed ({error})")
+        yield prepared.folder.path
+
+
+def _text(value: Path | str | None) -> str | None:
+    return None if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting and evaluating
 
 
@@ -275,9 +369,10 @@ def report(run_dir: Path | str, *, image_format: str = "png") -> ReportSummary:
     ]
     folders = {d.name: d.folder for d in analysis.details}
     files += write_plots(folder.path, analysis.results, folders, image_format)
-    figures = Figures(overlay=folder.output(f"curves_all.{image_format}"))
+    trained = {d.name for d in analysis.details if has_curves(d.units)}  # 0 epochs (--init-from): no curves
+    figures = Figures(overlay=folder.output(f"curves_all.{image_format}") if trained else None)
     for d in analysis.details:
-        arm = {curve: curve_path(folder.path, curve, d.folder, image_format) for curve in CURVES}
+        arm = {curve: curve_path(folder.path, curve, d.folder, image_format) for curve in CURVES if d.name in trained}
         seeds = f" ({len(d.units)} seeds)" if len(d.units) > 1 else ""
         arm["confusion"] = confusion_figure(
             d.confusion,
@@ -409,6 +504,6 @@ def evaluate(
         if folder.status(unit).state != "finished":
             continue
         model = folder.load_weights_into(unit, new_model(unit.arm.spec, None, hardware))
-        result = evaluate_model(model, images, labels, hardware)
+        result = evaluate_model(model, images, labels, hardware, numerics=unit.arm.recipe.keras_numerics)
         rows.append(UnitEvaluation(unit.arm.name, unit.seed, result.loss, result.accuracy))
     return selection.dataset, len(images), rows

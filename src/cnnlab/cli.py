@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -103,6 +105,14 @@ AugmentOpt = Annotated[
         "translate=0.1,rotate=0.05,zoom=0.1[,fill_mode=reflect,interpolation=bilinear,fill_value=0].",
     ),
 ]
+KerasNumericsOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--keras-numerics",
+        help="Whose numerics train: 3 (Keras 3) or 2 (Keras 2.2.4, the notebook's: BatchNormalization's "
+        "unbiased, zero-debiased moving variance, the clipped cross-entropy, RMSprop's epsilon). Default: 3.",
+    ),
+]
 RecipeFileOpt = Annotated[
     Path | None,
     typer.Option("--recipe", help="A TOML file of recipe keys (options given here override it); see README."),
@@ -162,6 +172,14 @@ MlflowOpt = Annotated[
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", help="Run a plan of more than 1,000 units.")]
 MAX_UNITS = 1000
+InitFromOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init-from",
+        help="Start every seed from this Keras model file's weights (.keras, .h5); seeds still differ in data "
+        "order and dropout. With --epochs 0 the weights are only tested.",
+    ),
+]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are created.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Figure format: png or svg.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
@@ -190,7 +208,7 @@ def _root(
 RECIPE_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "learning_rate",
                   "momentum": "momentum", "nesterov": "nesterov", "rho": "rho", "weight_decay": "weight_decay",
                   "schedule": "schedule", "early_stopping": "early_stopping", "best_checkpoint": "best_checkpoint",
-                  "augment": "augmentation"}  # fmt: skip
+                  "augment": "augmentation", "keras_numerics": "keras_numerics"}  # fmt: skip
 
 
 def _recipes(recipe_file: Path | None, options: dict[str, object]):
@@ -270,6 +288,7 @@ def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
             device=options["device"], precision=options["precision"], compile=options["compile_"],
             threads=options["cpus_per_unit"],
         ),
+        init_from=options["init_from"],
     )  # fmt: skip
     _check_size(plan, options["yes"])
     prepared = prepare(plan, runs_dir=options["runs_dir"], name=name, progress=console.is_terminal)
@@ -347,6 +366,34 @@ class _sigterm_as_interrupt:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+KerasDatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset", "-d", help="For a Keras model file: the dataset whose test images and classes it uses (mnist)."
+    ),
+]
+RUN_OR_KERAS = "A run folder made by train, compare or sweep, or a Keras model file (.keras, .h5)."
+
+
+@contextlib.contextmanager
+def _as_run(path: Path, dataset: str | None, data_dir: Path | None, out_dir: Path | None = None) -> Iterator[Path]:
+    """A run folder as it is; a Keras model file as a one-model run, its weights tested on --dataset."""
+    from cnnlab.api import keras_model_run
+    from cnnlab.errors import ConfigError
+    from cnnlab.keras_files import is_keras_file
+
+    if not (is_keras_file(path) and path.is_file()):
+        if dataset is not None:
+            raise ConfigError(f"--dataset applies to a Keras model file; {path} is a run folder, which records its own")
+        yield path
+        return
+    data = data_dir if data_dir is not None else os.environ.get("CNNLAB_DATA_DIR") or None
+    # On stderr: stdout may be --json.
+    err_console.print(f"Testing {path} on {dataset or 'mnist'} as a one-model run", highlight=False, markup=False)
+    with keras_model_run(path, dataset=dataset or "mnist", data_dir=data, out_dir=out_dir) as run_dir:
+        yield run_dir
+
+
 def _show_report(run_dir: Path, image_format: str):
     from cnnlab.api import report as write_report
 
@@ -376,7 +423,9 @@ def _print_summary(summary) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(help="A built-in model name or a spec file (.toml, .json, Keras JSON).")],
+    model: Annotated[
+        str, typer.Argument(help="A built-in model name or a spec file (.toml, .json, Keras JSON, .keras, .h5).")
+    ],
     dataset: DatasetOpt = "mnist",
     data_dir: DataDirOpt = None,
     epochs: EpochsOpt = None,
@@ -391,6 +440,8 @@ def train(
     early_stopping: EarlyStoppingOpt = None,
     best_checkpoint: BestCheckpointOpt = None,
     augment: AugmentOpt = None,
+    keras_numerics: KerasNumericsOpt = None,
+    init_from: InitFromOpt = None,
     recipe_file: RecipeFileOpt = None,
     seed: SeedOpt = 0,
     seeds: SeedsOpt = None,
@@ -439,6 +490,8 @@ def compare(
     early_stopping: EarlyStoppingOpt = None,
     best_checkpoint: BestCheckpointOpt = None,
     augment: AugmentOpt = None,
+    keras_numerics: KerasNumericsOpt = None,
+    init_from: InitFromOpt = None,
     recipe_file: RecipeFileOpt = None,
     seed: SeedOpt = 0,
     seeds: SeedsOpt = None,
@@ -490,6 +543,7 @@ def sweep(
 ) -> None:
     """Run a sweep: every model x every combination of the grid's settings x every seed, into one
     run folder, one unit at a time or in parallel on Ray; the report picks each model's best setting.
+    Its recipe and grid tables take every recipe key, e.g. keras_numerics = 2 (Keras 2.2.4's numerics).
 
     Example: cnnlab sweep sweep.toml --backend ray --cpus-per-unit 1 --mlflow
     """
@@ -512,22 +566,30 @@ def sweep(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Evaluate on another dataset.")] = None,
+    run_dir: Annotated[Path, typer.Argument(help=RUN_OR_KERAS)],
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="Evaluate on another dataset (a Keras file: default mnist).")
+    ] = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
-    """Reload a run's saved weights and report test loss and accuracy.
+    """Reload a run's saved weights, or a Keras model file's, and report test loss and accuracy.
 
     Example: cnnlab evaluate runs/20261126-101500-compare
+    Example: cnnlab evaluate model.keras --dataset fashion-mnist
     """
     from rich.table import Table
     from rich.text import Text
 
     from cnnlab.api import evaluate as evaluate_run
+    from cnnlab.keras_files import is_keras_file
 
-    name, images, rows = evaluate_run(run_dir, dataset=dataset, data_dir=data_dir, device=device)
+    if is_keras_file(run_dir) and run_dir.is_file():
+        with _as_run(run_dir, dataset or "mnist", data_dir) as folder:
+            name, images, rows = evaluate_run(folder, device=device)
+    else:
+        name, images, rows = evaluate_run(run_dir, dataset=dataset, data_dir=data_dir, device=device)
     table = Table(title=f"Evaluation on {name} test ({images:,} images)")
     for column in ("Model", "Seed", "Test loss", "Test acc"):
         table.add_column(column, justify="right")
@@ -539,25 +601,47 @@ def evaluate(
 @app.command()
 def report(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="A run folder made by train, compare or sweep; or several to combine with -o.")
+        list[Path],
+        typer.Argument(
+            help="A run folder made by train, compare or sweep; or several to combine with -o; or a Keras model "
+            "file (.keras, .h5) with -o."
+        ),
     ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Combine the run folders into a new run folder here and report it."),
+        typer.Option(
+            "--output", "-o", help="Combine the run folders (or test the Keras file) into a new run folder here."
+        ),
     ] = None,
+    dataset: KerasDatasetOpt = None,
+    data_dir: DataDirOpt = None,
     image_format: FormatOpt = "png",
     debug: DebugOpt = False,
 ) -> None:
     """(Re)write a run folder's table, plots, report.html and report.md from its saved results; with -o,
-    combine several run folders tested on the same images into one new run folder and report it.
+    combine several run folders tested on the same images into one new run folder and report it, or
+    test a Keras model file's weights and report them as a one-model run.
 
     Example: cnnlab report runs/20261126-101500-compare
     Example: cnnlab report runs/A runs/B -o runs/A-and-B
+    Example: cnnlab report model.keras -o runs/model-keras
     """
     from cnnlab.api import check_image_format, combine
     from cnnlab.errors import ConfigError
+    from cnnlab.keras_files import is_keras_file
 
     check_image_format(image_format)
+    if len(run_dirs) == 1 and is_keras_file(run_dirs[0]) and run_dirs[0].is_file():
+        if output is None:
+            raise ConfigError(
+                f"{run_dirs[0]} is a Keras model file: give a new folder for its run with -o, "
+                f"e.g. cnnlab report {run_dirs[0]} -o runs/{run_dirs[0].stem}"
+            )
+        with _as_run(run_dirs[0], dataset or "mnist", data_dir, out_dir=output) as folder:
+            _show_report(folder, image_format)
+        return
+    if dataset is not None:
+        raise ConfigError("--dataset applies to a Keras model file; a run folder records its own")
     if output is None:
         if len(run_dirs) > 1:
             raise ConfigError(
@@ -571,7 +655,7 @@ def report(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
+    run_dir: Annotated[Path, typer.Argument(help=RUN_OR_KERAS)],
     images: Annotated[list[Path], typer.Argument(help="PNG, JPEG, BMP, TIFF, .npy or IDX files, or folders of them.")],
     arm: Annotated[
         str | None,
@@ -585,6 +669,8 @@ def predict(
         bool,
         typer.Option("--no-preprocess", help="Take the pixels as they are (28x28 grayscale, light ink on black)."),
     ] = False,
+    dataset: KerasDatasetOpt = None,
+    data_dir: DataDirOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Predict the classes of images with a run's trained model: top-k classes with probabilities.
@@ -593,6 +679,7 @@ def predict(
     dark on light, cropped, fit to 20x20, centred by centre of mass; Fashion-MNIST: Zalando's steps).
 
     Example: cnnlab predict runs/20261126-101500-compare digit.png scans/
+    Example: cnnlab predict model.keras digit.png
     """
     import json
 
@@ -601,9 +688,10 @@ def predict(
 
     from cnnlab.predict import predict_files
 
-    result = predict_files(
-        run_dir, images, arm=arm, seed=seed, all_arms=all_arms, top_k=top_k, preprocess=not no_preprocess
-    )
+    with _as_run(run_dir, dataset, data_dir) as folder:
+        result = predict_files(
+            folder, images, arm=arm, seed=seed, all_arms=all_arms, top_k=top_k, preprocess=not no_preprocess
+        )
     if as_json:
         sys.stdout.write(json.dumps([p.to_dict() for p in result.predictions], indent=2) + "\n")
         return
@@ -669,11 +757,15 @@ def runs(
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train or compare.")],
-    to: Annotated[str, typer.Option("--to", help="onnx (ONNX Runtime) or pt2 (torch.export).")],
+    run_dir: Annotated[Path, typer.Argument(help=RUN_OR_KERAS)],
+    to: Annotated[str, typer.Option("--to", help="onnx (ONNX Runtime), pt2 (torch.export) or keras (Keras 3).")],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="The file to write; default: RUN_DIR/export/<arm>-seed<N>.<onnx|pt2>."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="The file to write; default: RUN_DIR/export/<arm>-seed<N>.<onnx|pt2|keras> (a Keras file: beside it).",
+        ),
     ] = None,
     arm: Annotated[
         str | None, typer.Option("--arm", help="The arm to export; default: the run's best arm, else its only one.")
@@ -683,16 +775,25 @@ def export(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Where the run's dataset is now, if it moved.")
     ] = None,
+    dataset: KerasDatasetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Export a trained model taking uint8 pixels [N, 28, 28] and returning probabilities [N, classes],
-    verified against PyTorch on the run's test images before it is written.
+    """Export a trained model, verified on the run's test images before it is written: ONNX and pt2 take
+    uint8 pixels [N, 28, 28] and return probabilities [N, classes]; keras writes a Keras 3 .keras file
+    (float inputs x/255, NHWC, softmax output) that keras.saving.load_model reads.
 
     Example: cnnlab export runs/20261126-101500-compare --to onnx
+    Example: cnnlab export runs/20261126-101500-compare --to keras
+    Example: cnnlab export legacy_model.h5 --to keras
     """
     from cnnlab.export import export_run
+    from cnnlab.keras_files import is_keras_file
 
-    result = export_run(run_dir, to, output, arm=arm, seed=seed, data_dir=data_dir)
+    if output is None and is_keras_file(run_dir) and run_dir.is_file():  # beside the Keras file, never over it
+        output = run_dir.with_suffix(f".{to}")
+        output = output.with_name(f"{run_dir.stem}-export.{to}") if output == run_dir else output
+    with _as_run(run_dir, dataset, data_dir) as folder:
+        result = export_run(folder, to, output, arm=arm, seed=seed, data_dir=data_dir)
     v = result.verification
     console.print(
         f"Exported {result.arm} seed {result.seed} to {result.path}\n"
@@ -711,11 +812,13 @@ def export(
 
 @app.command()
 def serve(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder made by train, compare or sweep.")],
+    run_dir: Annotated[Path, typer.Argument(help=RUN_OR_KERAS)],
     host: Annotated[
         str, typer.Option("--host", help="The address to listen on; 0.0.0.0 opens it to the network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="The port to listen on (0: a free one).")] = 8000,
+    dataset: KerasDatasetOpt = None,
+    data_dir: DataDirOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a local web page to draw or upload an image and see each arm's top 3 classes, with the
@@ -729,7 +832,8 @@ def serve(
         console.print(f"Serving {run_dir} at {url} (Ctrl+C to stop)", highlight=False, markup=False, soft_wrap=True)
 
     try:
-        serve_run(run_dir, host, port, log_level="info" if debug else "warning", announce=announce)
+        with _as_run(run_dir, dataset, data_dir) as folder:
+            serve_run(folder, host, port, log_level="info" if debug else "warning", announce=announce)
     except KeyboardInterrupt:  # Ctrl+C is how a server stops: Uvicorn has shut down cleanly
         console.print("Stopped.")
 
@@ -768,7 +872,9 @@ def models(
 
 @app.command()
 def summary(
-    model: Annotated[str, typer.Argument(help="A built-in model name or a spec file (.toml, .json, Keras JSON).")],
+    model: Annotated[
+        str, typer.Argument(help="A built-in model name or a spec file (.toml, .json, Keras JSON, .keras, .h5).")
+    ],
     debug: DebugOpt = False,
 ) -> None:
     """Print a Keras-style summary: layers, output shapes, parameters and FLOPs.

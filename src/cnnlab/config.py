@@ -54,6 +54,10 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _unit_interval(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
 
@@ -85,7 +89,8 @@ def _key(
 class Recipe:
     """How one arm trains: the notebook's recipe by default (Adam, batch 128, 12 epochs)."""
 
-    epochs: int = _key(12, _positive_int, "be an integer >= 1", "--epochs", "epochs")
+    # 0 only with --init-from (RunPlan checks): the imported weights, tested as they are.
+    epochs: int = _key(12, _non_negative_int, "be an integer >= 0", "--epochs", "epochs")
     batch_size: int = _key(128, _positive_int, "be an integer >= 1", "--batch-size", "batch")
     optimizer: str = _key("adam", lambda v: v in OPTIMIZERS, "be adam, sgd, rmsprop or adamw", "--optimizer", "opt")
     # None takes the optimizer's Keras default (resolved when the recipe is made).
@@ -103,6 +108,12 @@ class Recipe:
     best_checkpoint: BestCheckpoint | None = _key(None, lambda v: True, "", "--best-checkpoint", "best")
     augmentation: Augmentation | None = _key(None, lambda v: True, "", "--augment", "augment")
     eval_batch_size: int = _key(1000, _positive_int, "be an integer >= 1", label="eval_batch")
+    # Whose numerics train: Keras 3's, or Keras 2.2.4's (the notebook's): batch normalisation's moving
+    # variance, the clipped cross-entropy, RMSprop's epsilon, bias fans (engine, models, optim).
+    keras_numerics: int = _key(
+        3, lambda v: v in (2, 3) and isinstance(v, int) and not isinstance(v, bool),
+        "be 2 (Keras 2.2.4, the notebook's) or 3 (Keras 3)", "--keras-numerics", "keras",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.learning_rate is None and self.optimizer in OPTIMIZERS:
@@ -124,6 +135,31 @@ class Recipe:
             raise ConfigError(f"--nesterov applies to sgd, not {self.optimizer}")
         if self.rho != 0.9 and self.optimizer != "rmsprop":
             raise ConfigError(f"--rho applies to rmsprop, not {self.optimizer}")
+        missing = self._missing_in_keras2() if self.keras_numerics == 2 else []
+        if missing:
+            raise ConfigError(
+                f"--keras-numerics 2 trains as Keras 2.2.4, which has no {', '.join(missing)}; "
+                f"remove {'it' if len(missing) == 1 else 'them'} or use --keras-numerics 3"
+            )
+
+    def _missing_in_keras2(self) -> list[str]:
+        """What this recipe uses that Keras 2.2.4 lacks, or means otherwise than the Keras 3 meaning
+        cnnlab gives it (keras/optimizers.py, keras/callbacks.py of Keras 2.2.4)."""
+        missing = []
+        if self.optimizer == "adamw":
+            missing.append("AdamW (--optimizer adamw)")
+        elif self.weight_decay:
+            missing.append("weight decay (--weight-decay)")
+        if self.optimizer == "rmsprop" and self.momentum:
+            missing.append("RMSprop momentum (--momentum)")
+        stopping, best = self.early_stopping, self.best_checkpoint
+        if stopping is not None and stopping.baseline is not None:  # Keras 2.2.4: the initial best
+            missing.append("EarlyStopping baseline as Keras 3 means it (--early-stopping baseline=)")
+        if stopping is not None and stopping.start_from_epoch:
+            missing.append("EarlyStopping start_from_epoch (--early-stopping start_from_epoch=)")
+        if best is not None and best.initial_value_threshold is not None:
+            missing.append("ModelCheckpoint initial_value_threshold (--best-checkpoint initial_value_threshold=)")
+        return missing
 
     @property
     def chooses_on(self) -> list[tuple[str, str]]:
@@ -304,8 +340,24 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class InitialWeights:
+    """Weights every unit starts from instead of its seed's initialisation (`--init-from`): the Keras
+    file as the user named it and its SHA-256, which the run folder checks before it copies them."""
+
+    source: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"initial_weights.source must be a file's path, got {self.source!r}")
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ConfigError(f"initial_weights.sha256 must be 64 hexadecimal digits, got {self.sha256!r}")
+
+
+@dataclass(frozen=True)
 class RunPlan:
-    """Everything a run trains, resolved: the arms, the seeds, the data and the hardware."""
+    """Everything a run trains, resolved: the arms, the seeds, the data and the hardware; and the
+    weights every unit starts from, when not from its seed (`--init-from`)."""
 
     arms: tuple[Arm, ...]
     seeds: tuple[int, ...]
@@ -313,6 +365,7 @@ class RunPlan:
     hardware_request: HardwareRequest
     hardware: Hardware
     format_version: int = FORMAT_VERSION
+    initial_weights: InitialWeights | None = None
 
     def units(self) -> list[Unit]:
         """Every unit, arm by arm, seed by seed (the order they train in)."""
@@ -337,7 +390,7 @@ class RunPlan:
                 {"name": a.name, "folder": a.folder, "model": a.spec.name, "recipe": a.recipe.to_dict()}
                 for a in self.arms
             ],
-        }
+        } | ({"initial_weights": dataclasses.asdict(self.initial_weights)} if self.initial_weights else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +518,8 @@ def reproduce_args(plan: RunPlan, model_args: Sequence[str]) -> list[str]:
         args += ["--val-split", repr(plan.data.val_split), "--split-seed", str(plan.data.split_seed)]
     if plan.data.data_dir:
         args += ["--data-dir", plan.data.data_dir]
+    if plan.initial_weights is not None:
+        args += ["--init-from", plan.initial_weights.source]
     return args
 
 

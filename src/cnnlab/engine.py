@@ -5,6 +5,11 @@ its batches (weighted by batch size) with dropout active; validation runs in eva
 every epoch. Randomness (initial weights, shuffling, dropout) flows from the one seed, so the same
 seed gives the same history on the CPU, and a unit resumed from a checkpoint continues the same
 random streams.
+
+The recipe's `keras_numerics` picks whose numerics train: Keras 3's (the default) or Keras 2.2.4's,
+the notebook's (its batch normalisation in `models.KerasBatchNorm`, its loss in
+`categorical_cross_entropy`, its RMSprop in `optim.KerasRMSprop`), the latter checked against
+formulas from Keras 2.2.4's source (it cannot be installed here).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from cnnlab.callbacks import BestTracker, EarlyStopper, PlateauScheduler
 from cnnlab.config import DataSelection, Hardware, Recipe
 from cnnlab.datasets import Dataset
 from cnnlab.errors import ConfigError
-from cnnlab.models import SequentialNet, build_model
+from cnnlab.models import SequentialNet, build_model, load_weights
 from cnnlab.optim import learning_rate, make_optimizer, set_learning_rate
 from cnnlab.options import Augmentation, ReduceLROnPlateau
 from cnnlab.results import EpochRecord
@@ -149,10 +154,36 @@ def _autocast(hardware: Hardware):
 # Models
 
 
-def new_model(spec: ModelSpec, seed: int | None, hardware: Hardware) -> SequentialNet:
-    """The spec's network with Keras's initialisation (seeded), on the device in its memory layout."""
-    model = build_model(spec, seed=seed).to(torch.device(hardware.device))
+def new_model(spec: ModelSpec, seed: int | None, hardware: Hardware, numerics: int = 3) -> SequentialNet:
+    """The spec's network with Keras's initialisation (seeded) and Keras `numerics` (2: Keras 2.2.4,
+    3: Keras 3), on the device in its memory layout."""
+    model = build_model(spec, seed=seed, numerics=numerics).to(torch.device(hardware.device))
     return model.to(memory_format=torch.channels_last) if hardware.channels_last else model
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+KERAS2_EPSILON = 1e-7  # keras/backend/common.py's _EPSILON, K.epsilon()
+
+
+def categorical_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, numerics: int = 3, reduction: str = "mean"
+) -> torch.Tensor:
+    """Keras's categorical cross-entropy of a softmax output, from the logits before it.
+
+    Keras 3 (`numerics` 3) on TensorFlow computes it from the logits (as `F.cross_entropy`). Keras
+    2.2.4 (2) computes it from the probabilities (keras/backend/tensorflow_backend.py
+    `categorical_crossentropy`, from_logits=False): `p /= sum(p)`, p clipped to [1e-7, 1 - 1e-7],
+    `-sum(target * log(p))`. So a sample whose true class has p > 1 - 1e-7 (or p < 1e-7) gives a
+    constant loss and no gradient. Checked against that formula (Keras 2.2.4 cannot be installed here)."""
+    if numerics == 3:
+        return F.cross_entropy(logits, labels, reduction=reduction)
+    probabilities = logits.softmax(dim=1)
+    probabilities = probabilities / probabilities.sum(dim=1, keepdim=True)
+    picked = probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)
+    losses = -picked.clamp(KERAS2_EPSILON, 1 - KERAS2_EPSILON).log()
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +202,15 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, hardware: Hardware, batch_size: int = 1000
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    hardware: Hardware,
+    batch_size: int = 1000,
+    numerics: int = 3,
 ) -> Evaluation:
-    """Mean loss and accuracy in eval mode, in large batches; one host sync at the end."""
+    """Mean loss (Keras `numerics`' cross-entropy) and accuracy in eval mode, in large batches; one
+    host sync at the end."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
@@ -184,7 +221,7 @@ def evaluate(
         with _autocast(hardware):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        loss_sum += categorical_cross_entropy(logits, y, numerics, reduction="sum")
         confidence, predicted = logits.softmax(dim=1).max(dim=1)
         predictions.append(predicted)
         confidences.append(confidence)
@@ -216,9 +253,10 @@ class TrainStep:
         labels: torch.Tensor,
         compile_mode: str = "default",
         augmentation: Augmentation | None = None,
+        numerics: int = 3,
     ) -> None:
         self.optimizer, self.hardware, self.images, self.labels = optimizer, hardware, images, labels
-        self.compile_mode, self.augmentation = compile_mode, augmentation
+        self.compile_mode, self.augmentation, self.numerics = compile_mode, augmentation, numerics
         self.totals = torch.zeros(2, device=images.device)  # [sum of losses, number correct]
         self.forward, self.optimizer_step = model, optimizer.step
         if hardware.compiled:
@@ -246,7 +284,7 @@ class TrainStep:
         with _autocast(self.hardware):
             logits = self.forward(x)
         logits = logits.float()
-        loss = F.cross_entropy(logits, y)
+        loss = categorical_cross_entropy(logits, y, self.numerics)
         # Read what we need from the forward's outputs before other graphs run and may reuse them.
         self.totals[0] += loss.detach() * len(y)
         self.totals[1] += (logits.detach().argmax(dim=1) == y).sum()
@@ -272,8 +310,9 @@ class GraphedTrainStep(TrainStep):
         batch_size: int,
         compile_mode: str = "default",
         augmentation: Augmentation | None = None,
+        numerics: int = 3,
     ) -> None:
-        super().__init__(model, optimizer, hardware, images, labels, compile_mode, augmentation)
+        super().__init__(model, optimizer, hardware, images, labels, compile_mode, augmentation, numerics)
         self.model = model
         self.static_index = torch.zeros(batch_size, dtype=torch.long, device=images.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -319,15 +358,18 @@ def build_train_step(
     batch_size: int,
     compile_mode: str = "default",
     augmentation: Augmentation | None = None,
+    numerics: int = 3,
 ) -> TrainStep:
     """The training step `hardware` asks for: captured as a CUDA graph, compiled, or eager; with
-    `augmentation`, each batch is augmented on the device first.
+    `augmentation`, each batch is augmented on the device first; the loss of Keras `numerics`.
 
     `compile_mode` is torch.compile's mode when compiled (benchmarks compare modes with it).
     """
     if hardware.cuda_graph:
-        return GraphedTrainStep(model, optimizer, hardware, images, labels, batch_size, compile_mode, augmentation)
-    return TrainStep(model, optimizer, hardware, images, labels, compile_mode, augmentation)
+        return GraphedTrainStep(
+            model, optimizer, hardware, images, labels, batch_size, compile_mode, augmentation, numerics
+        )
+    return TrainStep(model, optimizer, hardware, images, labels, compile_mode, augmentation, numerics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +421,7 @@ class TrainResult:
     stopped_epoch: int | None = None  # 1-based: the last epoch trained, when early stopping ended training
     stop_reason: str | None = None
     restored_epoch: int | None = None  # 1-based: the epoch whose weights early stopping restored
+    untrained_validation: Evaluation | None = field(default=None, repr=False)  # 0 epochs: the weights as given
 
     @property
     def wall_seconds(self) -> float:
@@ -441,16 +484,24 @@ def train(
     checkpoint: Checkpoint | None = None,
     build: Callable[[ModelSpec, int, Hardware], torch.nn.Module] | None = None,
     compile_mode: str = "default",
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train `spec` with `recipe` from `seed` (or from the checkpoint's last epoch) and test it.
+    """Train `spec` with `recipe` from `seed` (or from the checkpoint's last epoch) and test it, with
+    the recipe's Keras numerics (`keras_numerics`: the network, the loss and the optimizer).
 
-    `build(spec, seed, hardware)` makes the network instead of `new_model` and `compile_mode` is
-    torch.compile's mode when compiled: benchmarks compare reference networks and modes with them."""
+    `initial_weights` (a state dict, `--init-from`) replace the seed's initial weights; the seed still
+    draws the data order, dropout and augmentation. With `recipe.epochs == 0` the weights are only
+    validated and tested. `build(spec, seed, hardware)` makes the network instead of `new_model` and
+    `compile_mode` is torch.compile's mode when compiled: benchmarks compare reference networks and
+    modes with them."""
     device = torch.device(hardware.device)
     reporter = reporter or SilentReporter()
     with _forked_rng(device):
         torch.manual_seed(seed)  # dropout and augmentation draw from PyTorch's generator, forked for the unit
-        model = (build or new_model)(spec, seed, hardware)
+        numerics = recipe.keras_numerics  # Keras 3's or Keras 2.2.4's: the model, its loss and its optimizer
+        model = build(spec, seed, hardware) if build else new_model(spec, seed, hardware, numerics=numerics)
+        if initial_weights is not None:  # drawn first all the same, so the seed's random streams are unchanged
+            load_weights(model, {k: v.to(device) for k, v in initial_weights.items()})
         optimizer = make_optimizer(model.parameters(), recipe)  # made after the move to the device
         shuffle = torch.Generator().manual_seed(seed + 1)
         epoch_end = EpochEnd(recipe)
@@ -458,7 +509,7 @@ def train(
         history = _restore(state, model, optimizer, shuffle, epoch_end, device) if state else []
         step = build_train_step(
             model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size, compile_mode,
-            recipe.augmentation,
+            recipe.augmentation, numerics,
         )  # fmt: skip
         validation: Evaluation | None = None
         for epoch in range(len(history) + 1, recipe.epochs + 1):
@@ -466,7 +517,9 @@ def train(
                 break
             train_seconds = _train_epoch(step, model, shuffle, recipe, epoch, reporter, optimizer)
             started = time.perf_counter()
-            validation = evaluate(model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size)
+            validation = evaluate(
+                model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics
+            )
             loss_sum, correct = step.totals.tolist()
             n_train = len(splits.train_images)
             record = EpochRecord(
@@ -481,12 +534,19 @@ def train(
             if checkpoint is not None:
                 checkpoint.save(_state(model, optimizer, history, shuffle, epoch_end, device))
         result = TrainResult(history, validation, model)  # the test evaluation is set below
+        if recipe.epochs == 0:
+            validation = evaluate(
+                model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics
+            )
+            result.untrained_validation = validation
         if epoch_end.stopper is not None:
             if epoch_end.stopped:
                 result.stopped_epoch, result.stop_reason = len(history), epoch_end.stopper.reason()
                 reporter.note(f"early stopping after epoch {len(history)}: {result.stop_reason}")
             restored = epoch_end.stopper.restore()
-            if restored is not None:
+            # Keras 3 restores the best weights at the end of training; Keras 2.2.4's EarlyStopping
+            # (keras/callbacks.py) only when it stops training early.
+            if restored is not None and (numerics == 3 or epoch_end.stopped):
                 model.load_state_dict(restored)
                 result.restored_epoch, validation = epoch_end.stopper.best_epoch + 1, None
         if epoch_end.best is not None and epoch_end.best.best_epoch is not None:
@@ -494,7 +554,9 @@ def train(
         if splits.val_is_test and validation is not None:
             result.test = validation  # validated on the test split: its last validation is the test score
         else:
-            result.test = evaluate(model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size)
+            result.test = evaluate(
+                model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size, numerics
+            )
     return result
 
 

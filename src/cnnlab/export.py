@@ -1,8 +1,10 @@
-"""Export a trained unit as a self-contained model file: ONNX or a PyTorch 2 program (`torch.export`).
+"""Export a trained unit as a self-contained model file: ONNX, a PyTorch 2 program (`torch.export`) or
+a Keras 3 `.keras` file.
 
-The exported model takes the pixels as the dataset files store them, uint8 (N, 28, 28) with any
-batch size N, scales them inside as training did (`engine.to_input`) and returns the class
-probabilities (N, classes). Every export is verified before it is written: the file's bytes are
+The ONNX and pt2 models take the pixels as the dataset files store them, uint8 (N, 28, 28) with any
+batch size N, scale them inside as training did (`engine.to_input`) and return the class
+probabilities (N, classes). The Keras model is the Sequential model itself, as Keras users feed it:
+float32 (N, 28, 28, 1) images scaled to [0, 1] (the notebook's `x / 255`), softmax probabilities out. Every export is verified before it is written: the file's bytes are
 loaded back (ONNX Runtime on the CPU, or `torch.export.load`) and run on the run's test images
 against the PyTorch model; it is written only when every probability is within `ATOL` and the
 same class wins on at least `MIN_AGREEMENT` of the images. The figures are written beside the
@@ -36,9 +38,13 @@ from cnnlab.config import DataSelection, Hardware, Unit
 from cnnlab.engine import DeviceData, new_model, to_input
 from cnnlab.errors import CnnlabError, ConfigError
 from cnnlab.files import atomic_path, write_json
+from cnnlab.keras_files import keras_archive_bytes, read_keras_bytes
+from cnnlab.keras_weights import keras_layer_weights, state_dict_from_keras
+from cnnlab.models import build_model
 from cnnlab.runfolder import RunFolder
+from cnnlab.spec import ModelSpec
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "keras")
 ATOL = 1e-4  # the largest difference of any probability allowed between the file and PyTorch
 MIN_AGREEMENT = 0.999  # the smallest fraction of test images on which both must pick the same class
 ONNX_OPSET = 18
@@ -143,7 +149,7 @@ def export_run(
     only arm; its first finished seed) as `to` ("onnx" or "pt2"), verified on the run's test images
     before anything is written. Default output: `<run_dir>/export/<arm folder>-seed<N>.<to>`."""
     if to not in FORMATS:
-        raise ConfigError(f"--to must be {' or '.join(FORMATS)}, got '{to}'")
+        raise ConfigError(f"--to must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got '{to}'")
     if to == "onnx":
         _check_onnx_installed()
     folder = RunFolder.open(Path(run_dir))
@@ -153,6 +159,8 @@ def export_run(
     path = Path(output) if output is not None else folder.path / "export" / f"{unit.arm.folder}-seed{unit.seed}.{to}"
     if path.is_dir():
         raise ConfigError(f"-o {path} is a folder; give the file to write, e.g. {path / path.name}.{to}")
+    if to == "keras" and path.suffix != ".keras":
+        raise ConfigError(f"-o {path}: Keras 3 loads only files named *.keras; give e.g. {path.with_suffix('.keras')}")
 
     data_selection = analysis.plan.data
     if data_dir is not None:
@@ -177,8 +185,11 @@ def export_run(
     example = images[:EXAMPLE_BATCH].clone()
     if to == "onnx":
         content, run_exported, exporter = _export_onnx(wrapper, example, metadata)
-    else:
+    elif to == "pt2":
         content, run_exported, exporter = _export_pt2(wrapper, example, metadata)
+    else:
+        metadata["input"] = {"dtype": "float32", "shape": ["N", *unit.arm.spec.input_shape], "scale": "pixels / 255"}
+        content, run_exported, exporter = _export_keras(unit.arm.spec, wrapper.model, metadata)
     metadata["exporter"] = exporter
 
     verification = verify(wrapper, run_exported, images, labels, batch_size)
@@ -383,6 +394,19 @@ def _export_pt2(
         return loaded(pixels)
 
     return content, run, exporter
+
+
+def _export_keras(
+    spec: ModelSpec, model: nn.Module, metadata: dict[str, Any]
+) -> tuple[bytes, Callable[[torch.Tensor], torch.Tensor], str]:
+    """The .keras file (Keras 3's format: config.json, model.weights.h5, metadata.json with ours under
+    "cnnlab"), run for the verification by reading those bytes back as any Keras file is read."""
+    exporter = "cnnlab's Keras 3 writer (.keras: config.json, model.weights.h5)"
+    content = keras_archive_bytes(spec, keras_layer_weights(model), metadata={**metadata, "exporter": exporter})
+    archive = read_keras_bytes(content, source="the exported .keras file")
+    loaded = build_model(archive.spec)
+    loaded.load_state_dict(state_dict_from_keras(archive.spec, archive.weights, archive.source))
+    return content, ProbabilityModel(loaded).eval(), exporter
 
 
 def load_pt2_metadata(path: Path | str) -> dict[str, Any]:

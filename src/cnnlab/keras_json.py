@@ -8,7 +8,10 @@ Reads the JSON that Keras writes for a Sequential model, in every layout Keras h
 - tf.keras 2.x / tf_keras: the input as `batch_input_shape`, on an `InputLayer` and/or on the first
   layer, dtypes as plain strings, `BatchNormalization(axis=[3])`.
 - standalone Keras 2.2 and older: initializers as `VarianceScaling` configs; up to Keras 2.1 the
-  Sequential `config` is the plain list of layers.
+  Sequential `config` is the plain list of layers. Before Keras 2.2.0 VarianceScaling's 'normal'
+  lacked the truncation's variance correction (keras/initializers.py of 2.1.6 and 2.2.0), so a
+  file whose `keras_version` is older (tf.keras's "2.1.6-tf" counts as 2.1.6) imports its normal
+  initializers as `he_normal_keras21` etc.
 
 Every Keras field is looked at. A field that changes the model either maps onto a cnnlab field or,
 when cnnlab cannot honour its value (a dilated or grouped convolution, a regularizer, a frozen
@@ -45,7 +48,8 @@ SUPPORTED = "Conv2D, MaxPooling2D (MaxPool2D), Dropout, Flatten, Dense, BatchNor
 NOT_SEQUENTIAL = "not supported: only Sequential models; rebuild it as keras.Sequential"
 
 # A VarianceScaling config that is one of the named initializers: (scale, mode, distribution) -> name.
-# 'normal' is Keras 2's name for the truncated normal (Keras 3 reads it the same way).
+# 'normal' is Keras 2's name for the truncated normal (Keras 3 reads it the same way; before Keras
+# 2.2.0 it was drawn without the variance correction: LEGACY_NORMALS).
 VARIANCE_SCALING = {
     (1.0, "fan_avg", "uniform"): "glorot_uniform",
     (1.0, "fan_avg", "truncated_normal"): "glorot_normal",
@@ -54,6 +58,8 @@ VARIANCE_SCALING = {
     (1.0, "fan_in", "truncated_normal"): "lecun_normal",
     (1.0, "fan_in", "uniform"): "lecun_uniform",
 }
+# What a Keras < 2.2.0 file's normal initializers are in cnnlab (models.keras_init_).
+LEGACY_NORMALS = {name: f"{name}_keras21" for name in ("glorot_normal", "he_normal", "lecun_normal")}
 
 
 class _Reject(Exception):
@@ -327,6 +333,12 @@ BATCHNORM_INITIALIZERS = {
 # The model
 
 
+def _before_keras_2_2(version: Any) -> bool:
+    """Whether a `keras_version` ("2.1.6", "2.0.8", tf.keras's "2.1.6-tf") is older than 2.2.0."""
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return match is not None and (int(match[1]), int(match[2])) < (2, 2)
+
+
 def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpec:
     """A `ModelSpec` from the parsed JSON of Keras's `model.to_json()` (Keras 2 or 3, Sequential)."""
     where = SpecLocation(source)
@@ -388,6 +400,11 @@ def spec_from_keras_json(data: dict, source: str, default_name: str) -> ModelSpe
         layers.append(layer)
     if not layers:
         raise where.error("the model has no layers besides its input", field_name="config.layers")
+    if _before_keras_2_2(version):  # its truncated normals lacked the variance correction
+        for layer in layers:
+            for key in ("kernel_initializer", "bias_initializer"):
+                if layer.get(key) in LEGACY_NORMALS:
+                    layer[key] = LEGACY_NORMALS[layer[key]]
 
     if input_shape is None:
         for key, container in (("build_input_shape", config), ("input_shape", data.get("build_config") or {})):

@@ -10,12 +10,17 @@ What "Keras's semantics" means here, layer by layer:
 - BatchNormalization uses momentum 0.99 and epsilon 1e-3, normalises with the biased batch
   variance and updates the moving variance with it, as Keras 3 does.
 - The output softmax is left to the loss: the module returns logits.
+
+`build_model(spec, numerics=2)` builds with Keras 2.2.4's numerics instead (the notebook's Keras;
+see `KerasBatchNorm` and `keras_init_`), checked against formulas from Keras 2.2.4's source (it
+cannot be installed here: it needs Python 3.7 and TensorFlow 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,20 +44,26 @@ from cnnlab.spec import (
 # Initializers
 
 
-def keras_init_(tensor: torch.Tensor, name: str, generator: torch.Generator | None) -> None:
-    """Fill `tensor` (PyTorch layout: out, in, kh, kw or out, in) as Keras's initializer `name` would."""
+def keras_init_(tensor: torch.Tensor, name: str, generator: torch.Generator | None, numerics: int = 3) -> None:
+    """Fill `tensor` (PyTorch layout: out, in, kh, kw or out, in) as Keras's initializer `name` would.
+
+    `numerics` 2 takes a bias's fans as Keras 2 does: sqrt(length) (keras/initializers.py
+    `_compute_fans`, "no specific assumptions" for a 1-D shape); Keras 3 takes its length. The
+    `*_normal_keras21` names are Keras before 2.2.0's VarianceScaling normal: truncated at +-2 stddev
+    like the others but without the variance correction, so the samples' stddev is 0.8796 x the
+    target's (Keras 2.2.0 added the correction to keras/initializers.py)."""
     if name == "zeros":
         nn.init.zeros_(tensor)
         return
     if name == "ones":
         nn.init.ones_(tensor)
         return
-    if tensor.dim() == 1:  # a bias: Keras takes fan_in = fan_out = its length
-        fan_in = fan_out = tensor.shape[0]
+    if tensor.dim() == 1:  # a bias: Keras 3 takes fan_in = fan_out = its length, Keras 2 its square root
+        fan_in = fan_out = tensor.shape[0] if numerics == 3 else math.sqrt(tensor.shape[0])
     else:
         receptive = math.prod(tensor.shape[2:])
         fan_in, fan_out = tensor.shape[1] * receptive, tensor.shape[0] * receptive
-    family, distribution = name.split("_")
+    family, distribution = name.removesuffix("_keras21").split("_")
     scale, fan = {"glorot": (1.0, (fan_in + fan_out) / 2), "he": (2.0, fan_in), "lecun": (1.0, fan_in)}[family]
     variance = scale / fan
     with torch.no_grad():
@@ -62,7 +73,9 @@ def keras_init_(tensor: torch.Tensor, name: str, generator: torch.Generator | No
         else:
             # Keras's VarianceScaling: a normal truncated at +-2 stddev, widened so that the
             # truncated samples keep the target variance (0.8796... is the truncated stddev of N(0, 1)).
-            stddev = math.sqrt(variance) / 0.87962566103423978
+            stddev = math.sqrt(variance)
+            if not name.endswith("_keras21"):
+                stddev /= 0.87962566103423978
             nn.init.trunc_normal_(tensor, 0.0, stddev, -2 * stddev, 2 * stddev, generator=generator)
 
 
@@ -71,24 +84,47 @@ def keras_init_(tensor: torch.Tensor, name: str, generator: torch.Generator | No
 
 
 class KerasBatchNorm(nn.Module):
-    """Batch normalisation over dimension 1 (channels for NCHW, features for 2-D) as Keras does it."""
+    """Batch normalisation over dimension 1 (channels for NCHW, features for 2-D) as Keras does it.
 
-    def __init__(self, channels: int, spec: BatchNormalization) -> None:
+    Both Keras versions normalise a training batch with its biased moments. They differ in the
+    moving averages (`numerics`):
+
+    - 3 (Keras 3): moving = momentum * moving + (1 - momentum) * batch, with the biased variance.
+    - 2 (Keras 2.2.4 on TensorFlow 1, checked against formulas from its source; it cannot be
+      installed here). keras/layers/normalization.py multiplies the batch variance by
+      n / (n - (1 + epsilon)), n the values per channel; for a 4-D input the variance it gets from
+      `tf.nn.fused_batch_norm` (keras/backend/tensorflow_backend.py `normalize_batch_in_training`)
+      already carries Bessel's n / (n - 1) (tensorflow/core/kernels/fused_batch_norm_op.cc,
+      `rest_size_adjust`), so a convolution's moving variance gets both factors, a Dense's only the
+      first. `K.moving_average_update` is TensorFlow's `assign_moving_average(zero_debias=True)`
+      (tensorflow/python/training/moving_averages.py): a biased average from 0 and a step count t,
+      moving_t = biased_t / (1 - momentum^t), so the initial 0 and 1 are ignored. As biased_t =
+      moving_t * (1 - momentum^t), that is moving_t = lerp(moving_{t-1}, batch, (1 - momentum) /
+      (1 - momentum^t)), and the only extra state is t: the buffer `num_batches_tracked`, which
+      only this mode has (Keras 3's state dicts are unchanged; `load_weights` reads either).
+    """
+
+    def __init__(self, channels: int, spec: BatchNormalization, numerics: int = 3) -> None:
         super().__init__()
-        self.momentum, self.epsilon = spec.momentum, spec.epsilon
+        self.momentum, self.epsilon, self.numerics = spec.momentum, spec.epsilon, numerics
         self.weight = nn.Parameter(torch.ones(channels)) if spec.scale else None
         self.bias = nn.Parameter(torch.zeros(channels)) if spec.center else None
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        if numerics == 2:
+            self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training:
             axes = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=axes, correction=0)
-            with torch.no_grad():  # Keras: moving = moving * momentum + batch * (1 - momentum)
-                self.running_mean.lerp_(mean.detach().float(), 1 - self.momentum)
-                self.running_var.lerp_(var.detach().float(), 1 - self.momentum)
+            with torch.no_grad():
+                if self.numerics == 3:  # Keras 3: moving = moving * momentum + batch * (1 - momentum)
+                    self.running_mean.lerp_(mean.detach().float(), 1 - self.momentum)
+                    self.running_var.lerp_(var.detach().float(), 1 - self.momentum)
+                else:
+                    self._keras2_update(mean.detach().float(), var.detach().float(), x.numel() // x.shape[1], x.dim())
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.epsilon)
@@ -98,6 +134,16 @@ class KerasBatchNorm(nn.Module):
         if self.bias is not None:
             shift = shift + self.bias
         return x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
+
+    def _keras2_update(self, mean: torch.Tensor, var: torch.Tensor, n: int, dims: int) -> None:
+        """Keras 2.2.4's moving averages (see the class): unbiased variance, zero-debiased average."""
+        factor = n / (n - (1.0 + self.epsilon))
+        if dims == 4:  # tf.nn.fused_batch_norm's own Bessel correction (1 for n = 1)
+            factor *= n / max(n - 1, 1)
+        self.num_batches_tracked.add_(1)
+        weight = (1 - self.momentum) / (1 - self.momentum ** self.num_batches_tracked.double())
+        self.running_mean.lerp_(mean, weight.float())
+        self.running_var.lerp_(var * factor, weight.float())
 
 
 class KerasFlatten(nn.Module):
@@ -154,14 +200,17 @@ def _with_activation(module: nn.Module, activation: str) -> nn.Module:
     return nn.Sequential(module, ACTIVATION_MODULES[activation]())
 
 
-def _build_layer(layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator | None) -> nn.Module:
-    """One spec layer as a module; `in_shape` is channels_last without the batch axis."""
+def _build_layer(
+    layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator | None, numerics: int = 3
+) -> nn.Module:
+    """One spec layer as a module with Keras `numerics` (2 or 3); `in_shape` is channels_last without
+    the batch axis."""
     if isinstance(layer, Conv2D):
         height, width, channels = in_shape
         conv = nn.Conv2d(channels, layer.filters, layer.kernel_size, stride=layer.strides, bias=layer.use_bias)
-        keras_init_(conv.weight, layer.kernel_initializer, generator)
+        keras_init_(conv.weight, layer.kernel_initializer, generator, numerics)
         if conv.bias is not None:
-            keras_init_(conv.bias, layer.bias_initializer, generator)
+            keras_init_(conv.bias, layer.bias_initializer, generator, numerics)
         module: nn.Module = conv
         if layer.padding == "same":
             top, bottom = same_padding(height, layer.kernel_size[0], layer.strides[0])
@@ -186,12 +235,12 @@ def _build_layer(layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.G
         return KerasFlatten()
     if isinstance(layer, Dense):
         linear = nn.Linear(in_shape[0], layer.units, bias=layer.use_bias)
-        keras_init_(linear.weight, layer.kernel_initializer, generator)
+        keras_init_(linear.weight, layer.kernel_initializer, generator, numerics)
         if linear.bias is not None:
-            keras_init_(linear.bias, layer.bias_initializer, generator)
+            keras_init_(linear.bias, layer.bias_initializer, generator, numerics)
         return _with_activation(linear, layer.activation)
     if isinstance(layer, BatchNormalization):
-        return KerasBatchNorm(in_shape[-1], layer)
+        return KerasBatchNorm(in_shape[-1], layer, numerics)
     if isinstance(layer, Activation):
         return ACTIVATION_MODULES[layer.activation]()
     raise TypeError(f"unsupported layer {layer!r}")  # parse_spec only makes the types above
@@ -200,9 +249,9 @@ def _build_layer(layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.G
 class SequentialNet(nn.Module):
     """A spec's network: one submodule per spec layer, input (N, C, H, W) floats, output logits."""
 
-    def __init__(self, spec: ModelSpec, generator: torch.Generator | None = None) -> None:
+    def __init__(self, spec: ModelSpec, generator: torch.Generator | None = None, numerics: int = 3) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.numerics = spec, numerics
         shapes = [tuple(spec.input_shape)] + spec.output_shapes()
         head = classifier_head(spec)
         modules: list[nn.Module] = []
@@ -212,7 +261,7 @@ class SequentialNet(nn.Module):
                 continue
             if i == head - 1 and isinstance(layer, Dense) and layer.activation == "softmax":
                 layer = dataclasses.replace(layer, activation="linear")  # logits out; softmax in the loss
-            modules.append(_build_layer(layer, shapes[i], generator))
+            modules.append(_build_layer(layer, shapes[i], generator, numerics))
         self.layers = nn.ModuleList(modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,10 +270,27 @@ class SequentialNet(nn.Module):
         return x
 
 
-def build_model(spec: ModelSpec, seed: int | None = None) -> SequentialNet:
-    """The spec's network with Keras's initialisation, seeded when `seed` is given."""
+def build_model(spec: ModelSpec, seed: int | None = None, numerics: int = 3) -> SequentialNet:
+    """The spec's network with Keras's initialisation, seeded when `seed` is given; `numerics` 2
+    gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's."""
+    if numerics not in (2, 3):
+        raise ValueError(f"numerics must be 2 (Keras 2.2.4) or 3 (Keras 3), got {numerics!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SequentialNet(spec, generator)
+    return SequentialNet(spec, generator, numerics)
+
+
+STEP_COUNT = "num_batches_tracked"  # a Keras-2-numerics BatchNormalization's step count (KerasBatchNorm)
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load `state_dict` into `model` strictly, except for BatchNormalization's step count, which only
+    models built with Keras 2.2.4's numerics have: a saved count the model lacks is ignored (eval-mode
+    outputs never read it), one the model has and the state lacks keeps its value (0 when built).
+    So the weights of either numerics load into a model of either, e.g. for inference."""
+    own = model.state_dict()
+    state = {k: v for k, v in state_dict.items() if k in own or k.rsplit(".", 1)[-1] != STEP_COUNT}
+    state |= {k: v for k, v in own.items() if k.rsplit(".", 1)[-1] == STEP_COUNT and k not in state}
+    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ after), its RMSprop puts epsilon inside the square root, and its weight decay is
 (`w -= w * weight_decay * lr`, before the update) on every optimizer. So cnnlab brings its own:
 `KerasAdam`, `KerasAdamW`, `KerasSGD` and `KerasRMSprop`, made from a recipe by `make_optimizer`.
 
+Keras 2.2.4 (the notebook's, `keras_numerics = 2`; checked against formulas from its
+keras/optimizers.py, as it cannot be installed here) has the same Adam (epsilon = K.epsilon() =
+1e-7 outside the root; it computes the bias correction in float32, cnnlab in float64 in both modes)
+and SGD; its RMSprop puts epsilon outside the square root (`KerasRMSprop(numerics=2)`) and has no
+momentum; it has no AdamW and no weight decay (`config.Recipe` refuses those with numerics 2).
+
 Shared by all of them:
 
 - The updates use PyTorch's multi-tensor (`_foreach`) kernels: one pass over all parameters.
@@ -264,7 +270,10 @@ class KerasSGD(KerasOptimizer):
 class KerasRMSprop(KerasOptimizer):
     """Keras's RMSprop (uncentered; lr 1e-3, rho 0.9, epsilon 1e-7): v = rho v + (1 - rho) g^2,
     increment = lr g / sqrt(v + epsilon) (epsilon inside the root, unlike PyTorch); with momentum,
-    b = momentum b + increment and w -= b, else w -= increment."""
+    b = momentum b + increment and w -= b, else w -= increment.
+
+    `numerics` 2 is Keras 2.2.4's (keras/optimizers.py): increment = lr g / (sqrt(v) + epsilon),
+    epsilon outside the root, and no momentum."""
 
     def __init__(
         self,
@@ -274,9 +283,13 @@ class KerasRMSprop(KerasOptimizer):
         momentum: float = 0.0,
         epsilon: float = 1e-7,
         weight_decay: float = 0.0,
+        numerics: int = 3,
     ) -> None:
         if not 0 <= rho < 1 or not 0 <= momentum < 1 or epsilon <= 0:
             raise ValueError("KerasRMSprop needs rho and momentum in [0, 1) and epsilon > 0")
+        if numerics not in (2, 3) or (numerics == 2 and momentum > 0):
+            raise ValueError(f"KerasRMSprop needs numerics 2 (without momentum) or 3, got {numerics!r}")
+        self.numerics = numerics  # an attribute, not a group's setting: a saved state dict does not change it
         self.MOMENTS = ("velocity", "momentum") if momentum > 0 else ("velocity",)
         defaults = dict(lr=lr, rho=rho, momentum=momentum, epsilon=epsilon, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -286,8 +299,12 @@ class KerasRMSprop(KerasOptimizer):
         vs = [state["velocity"] for state in states]
         torch._foreach_mul_(vs, rho)  # v = rho v + (1 - rho) g^2
         torch._foreach_addcmul_(vs, grads, grads, value=1 - rho)
-        denominators = torch._foreach_add(vs, group["epsilon"])
-        torch._foreach_sqrt_(denominators)
+        if self.numerics == 3:
+            denominators = torch._foreach_add(vs, group["epsilon"])  # Keras 3: sqrt(v + epsilon)
+            torch._foreach_sqrt_(denominators)
+        else:
+            denominators = torch._foreach_sqrt(vs)  # Keras 2.2.4: sqrt(v) + epsilon
+            torch._foreach_add_(denominators, group["epsilon"])
         increments = torch._foreach_mul(grads, lr)
         torch._foreach_div_(increments, denominators)
         if "momentum" in self.MOMENTS:
@@ -298,10 +315,14 @@ class KerasRMSprop(KerasOptimizer):
         else:
             torch._foreach_sub_(params, increments)
 
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles keep the numerics
+        return {**super().__getstate__(), "numerics": self.numerics}
+
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> KerasOptimizer:
-    """The recipe's optimizer: `recipe.optimizer` with the recipe's learning rate, settings and
-    weight decay. A schedule is the training loop's: it sets each step's rate (`set_learning_rate`)."""
+    """The recipe's optimizer: `recipe.optimizer` with the recipe's learning rate, settings, weight
+    decay and Keras numerics (only RMSprop's differ). A schedule is the training loop's: it sets each
+    step's rate (`set_learning_rate`)."""
     lr = recipe.learning_rate
     wd = recipe.weight_decay
     if recipe.optimizer == "adam":
@@ -311,7 +332,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> Kera
     if recipe.optimizer == "sgd":
         return KerasSGD(params, lr, recipe.momentum, recipe.nesterov, weight_decay=wd)
     if recipe.optimizer == "rmsprop":
-        return KerasRMSprop(params, lr, recipe.rho, recipe.momentum, recipe.epsilon, weight_decay=wd)
+        return KerasRMSprop(
+            params, lr, recipe.rho, recipe.momentum, recipe.epsilon, weight_decay=wd, numerics=recipe.keras_numerics
+        )
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 

@@ -93,14 +93,21 @@ def curve_path(out_dir: Path, curve: str, arm_folder: str, image_format: str) ->
 def write_plots(
     out_dir: Path, units: Sequence[UnitResult], folders: dict[str, str], image_format: str = "png"
 ) -> list[Path]:
-    """loss_<arm>, accuracy_<arm> and curves_all plots; `folders` maps each arm's name to its folder."""
-    groups = group_by_arm(units)
+    """loss_<arm>, accuracy_<arm> and curves_all plots; `folders` maps each arm's name to its folder.
+    Arms tested without training (0 epochs, `--init-from`) have no curves."""
+    groups = {arm: group for arm, group in group_by_arm(units).items() if has_curves(group)}
     paths = []
     for arm, group in groups.items():
         for curve in CURVES:
             paths.append(model_figure(group, curve, curve_path(out_dir, curve, folders[arm], image_format)))
-    paths.append(overlay_figure(groups, out_dir / f"curves_all.{image_format}"))
+    if groups:
+        paths.append(overlay_figure(groups, out_dir / f"curves_all.{image_format}"))
     return paths
+
+
+def has_curves(units: Sequence[UnitResult]) -> bool:
+    """Whether an arm's units trained for at least one epoch, so that there are curves to draw."""
+    return all(u.history for u in units)
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:

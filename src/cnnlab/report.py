@@ -57,6 +57,8 @@ def facts(analysis: RunAnalysis) -> list[tuple[str, str]]:
         if len(recipes) == 1
         else "differs by arm (see the arm names and config.toml)"
     )
+    if len(recipes) == 1 and recipe.epochs == 0:
+        training = "none: the initial weights are tested as they are"
     hardware = analysis.hardware
     hardware_text = (
         f"{hardware.device_name} ({hardware.device}), {hardware.precision}, {hardware.threads} threads"
@@ -76,6 +78,8 @@ def facts(analysis: RunAnalysis) -> list[tuple[str, str]]:
         ("Hardware", hardware_text),
         ("Started", str(analysis.environment.get("started", "?"))),
     ]
+    if plan.initial_weights is not None:
+        rows.append(("Initial weights", f"{plan.initial_weights.source} (SHA-256 {plan.initial_weights.sha256[:12]}…)"))
     if sources:
         rows.append(("Combined from", "; ".join(_source_text(s) for s in sources)))
     return rows
@@ -201,6 +205,9 @@ pre { background: var(--alt); border: 1px solid var(--border); border-radius: 6p
 code { font-family: ui-monospace, SFMono-Regular, "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 """
 
+UNTRAINED = (
+    "Not trained here (0 epochs): its initial weights (--init-from) are tested as they are, so it has no curves."
+)
 _MIME = {".png": "image/png", ".svg": "image/svg+xml"}
 
 
@@ -294,6 +301,9 @@ def render_html(report: RunAnalysis, figures: Figures) -> str:
             f'<div class="figures wide">{_figure(figures.overlay, "All models: validation solid, training dashed")}</div>'
         )
     for d in report.details:
+        if "loss" not in figures.arms[d.name]:
+            curves.append(f"<h3>{_escape(d.name)}</h3><p>{UNTRAINED}</p>")
+            continue
         note = f" ({len(d.units)} seeds: each faint, mean bold)" if len(d.units) > 1 else ""
         curves.append(
             f'<h3>{_escape(d.name)}</h3><div class="figures pair">'
@@ -447,6 +457,9 @@ def render_markdown(report: RunAnalysis, figures: Figures) -> str:
     for d in report.details:
         arm = figures.arms[d.name]
         out.append(f"### {d.name}\n")
+        if "loss" not in arm:
+            out.append(f"{UNTRAINED}\n")
+            continue
         out.append(
             _md_image(arm["loss"], base, f"{d.name} loss").rstrip()
             + " "

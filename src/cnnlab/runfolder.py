@@ -5,6 +5,7 @@ Layout of `runs/<timestamp>-<name>/`:
     config.toml              the resolved run plan (format_version 2; 0.1's folders have none)
     environment.json         versions, device and its name, threads, git commit, the command
     <arm>/spec.toml          the arm's model spec, as trained
+    <arm>/initial_weights.pt (--init-from: the weights every seed of the arm starts from, as a state dict)
     <arm>/seed-<n>/status.json     pending, running, interrupted, failed (with its error) or finished
     <arm>/seed-<n>/history.csv, history.json, metrics.json, weights.pt, best_weights.pt (with a best
                    checkpoint: the best epoch's weights; metrics.json's best_epoch says which), predictions.pt,
@@ -44,6 +45,7 @@ from cnnlab.config import (
     DataSelection,
     Hardware,
     HardwareRequest,
+    InitialWeights,
     Recipe,
     RunPlan,
     Unit,
@@ -51,6 +53,7 @@ from cnnlab.config import (
 )
 from cnnlab.errors import CnnlabError, RunError
 from cnnlab.files import TEMPORARY_SUFFIX, atomic_path, write_json, write_text
+from cnnlab.models import load_weights
 from cnnlab.results import HISTORY_FIELDS, EpochRecord, UnitResult, UnitStatus
 from cnnlab.spec import spec_to_toml
 
@@ -73,6 +76,7 @@ METRIC_KEYS = (
 _RETRAIN = "delete the unit's seed-N folder and resume the run (`cnnlab compare --resume RUN_DIR`) to train it again"
 _RESTART = "delete it to train this unit from its start, then resume again"
 CONFIG = "config.toml"
+INITIAL_WEIGHTS = "initial_weights.pt"
 ENVIRONMENT = "environment.json"
 FINISHED_MARK = "metrics.json"
 SOURCES = "sources.json"
@@ -191,6 +195,7 @@ class RunFolder:
                 DataSelection(**config["data"]),
                 HardwareRequest(**config["hardware_request"]),
                 Hardware.from_dict(config["hardware"]),
+                initial_weights=InitialWeights(**config["initial_weights"]) if "initial_weights" in config else None,
             )
         except CnnlabError:
             raise
@@ -230,6 +235,25 @@ class RunFolder:
             return spec_from_text(text, source=str(path), default_name=path.parent.name)
         except CnnlabError as exc:
             raise RunError(f"{exc} (the run folder's saved spec is damaged)") from None
+
+    def write_initial_weights(self, arm: Arm, weights: dict[str, torch.Tensor]) -> None:
+        """Keep the weights every seed of `arm` starts from (`--init-from`), so that resuming needs
+        nothing outside the run folder."""
+        save_torch(self.path / arm.folder / INITIAL_WEIGHTS, {k: v.cpu() for k, v in weights.items()})
+
+    def initial_weights(self, arm: Arm) -> dict[str, torch.Tensor] | None:
+        """The weights the arm's units start from, or None when they start from their seeds (the
+        plan in config.toml says which: a plan with `--init-from` whose file is gone is a RunError)."""
+        if "initial_weights" not in self.read_config():
+            return None
+        path = self.path / arm.folder / INITIAL_WEIGHTS
+        fix = "the run folder is incomplete; start the run again with --init-from"
+        if not path.exists():
+            raise RunError(f"{path} is missing: {fix}")
+        weights = load_tensors(path, fix=fix)
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise RunError(f"{path} does not hold a state dict of tensors; the file is damaged: {fix}")
+        return weights
 
     def environment(self) -> dict[str, Any]:
         """environment.json, or {} when it is missing or unreadable (it is informative only)."""
@@ -335,7 +359,7 @@ class RunFolder:
         every command uses. Weights of another shape or model are a RunError naming the file."""
         path = self.unit_dir(unit) / "weights.pt"
         try:
-            model.load_state_dict(self.weights(unit))
+            load_weights(model, self.weights(unit))
         except (RuntimeError, KeyError, ValueError) as exc:
             raise RunError(
                 f"{path} does not fit model '{unit.arm.spec.name}' ({first_line(exc)}); the file is damaged "

@@ -8,6 +8,7 @@ rest run as they would have.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,11 +82,12 @@ def train_unit(
     folder.set_status(unit, UnitStatus("running", status.epochs_done))
     device = torch.device(hardware.device)
     checkpoint = folder.checkpoint(unit, device)
+    initial_weights = folder.initial_weights(unit.arm)  # --init-from: every seed starts from them
     threads = torch.get_num_threads()
     torch.set_num_threads(hardware.threads)  # the thread count is part of a CPU result's bits
     try:
         result = train(unit.arm.spec, unit.arm.recipe, unit.seed, data.splits(unit.seed), hardware,
-                       reporter=reporter, checkpoint=checkpoint)  # fmt: skip
+                       reporter=reporter, checkpoint=checkpoint, initial_weights=initial_weights)  # fmt: skip
     except CheckpointMismatch as exc:
         folder.set_status(unit, status)
         raise RunError(
@@ -165,7 +167,11 @@ def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[st
     """A finished unit's final numbers, as the notebook's table reports them and more."""
     summary = summarize(unit.arm.spec)
     history = result.history
-    final = history[(result.restored_epoch or len(history)) - 1]
+    untrained = result.untrained_validation  # 0 epochs (--init-from): the given weights, tested as they are
+    final = untrained if untrained is not None else history[(result.restored_epoch or len(history)) - 1]
+    val_loss, val_accuracy = (
+        (final.loss, final.accuracy) if untrained is not None else (final.val_loss, final.val_accuracy)
+    )
     train_time = sum(r.train_seconds for r in history)
     samples = sum(r.samples_per_second * r.train_seconds for r in history)
     throughput = samples / train_time if train_time else 0.0
@@ -175,16 +181,16 @@ def unit_metrics(unit: Unit, result: TrainResult, hardware: Hardware) -> dict[st
         "seed": unit.seed,
         "epochs": len(history),
         # The notebook reports the best running training accuracy of any epoch.
-        "train_accuracy": max(r.accuracy for r in history),
-        "train_loss": history[-1].loss,
+        "train_accuracy": max((r.accuracy for r in history), default=math.nan),
+        "train_loss": history[-1].loss if history else math.nan,
         # Validation of the final weights (the restored epoch's with restore_best_weights).
-        "val_loss": final.val_loss,
-        "val_accuracy": final.val_accuracy,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
         "test_loss": result.test.loss,
         "test_accuracy": result.test.accuracy,
         "wall_seconds": result.wall_seconds,
         "train_seconds": train_time,
-        "seconds_per_epoch": result.wall_seconds / len(history),
+        "seconds_per_epoch": result.wall_seconds / len(history) if history else 0.0,
         "samples_per_second": throughput,
         "params": summary.total_params,
         "train_flops_per_sample": summary.training_flops,

@@ -38,6 +38,11 @@ INITIALIZERS = (
     "lecun_uniform",
     "zeros",
     "ones",
+    # Keras before 2.2.0: VarianceScaling's truncated normal without the variance correction
+    # (models.keras_init_; Keras JSON older than 2.2.0 imports its normal initializers as these).
+    "glorot_normal_keras21",
+    "he_normal_keras21",
+    "lecun_normal_keras21",
 )
 PADDINGS = ("valid", "same")
 

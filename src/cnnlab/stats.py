@@ -35,7 +35,9 @@ class Aggregate:
     n: int
 
     def format(self, scale: float = 1.0, digits: int = 4) -> str:
-        """'0.9912' for one value, '0.9912 ± 0.0011' for several."""
+        """'0.9912' for one value, '0.9912 ± 0.0011' for several, '–' for none (e.g. untrained)."""
+        if math.isnan(self.mean):
+            return "–"
         if self.n < 2:
             return f"{self.mean * scale:.{digits}f}"
         return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"

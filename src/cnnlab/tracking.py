@@ -127,6 +127,9 @@ def plan_params(prepared: PreparedRun) -> dict[str, str]:
     params["seeds"] = ",".join(str(s) for s in plan.seeds)
     params["arms"] = _text(json.dumps([arm.name for arm in plan.arms]))
     params["models"] = _text(",".join(dict.fromkeys(arm.spec.name for arm in plan.arms)))
+    if plan.initial_weights is not None:
+        params["initial_weights.source"] = _text(plan.initial_weights.source)
+        params["initial_weights.sha256"] = plan.initial_weights.sha256
     return params
 
 
