@@ -29,6 +29,11 @@ pytest.importorskip("keras")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from keras_equality import LOSS_TOLERANCE, MODELS, WEIGHT_TOLERANCE, measure_step_by_step  # noqa: E402
 
+# Keras 3.15 on torch converts tensors with np.array(x, copy=False), which numpy 2 warns about each time.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
 STEPS = 100
 BATCH_SIZE = 128  # the notebook's
 

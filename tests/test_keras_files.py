@@ -36,6 +36,11 @@ from cnnlab.keras_weights import keras_layer_weights, state_dict_from_keras
 from cnnlab.models import KerasBatchNorm, build_model
 from cnnlab.spec import Conv2D
 
+# Keras 3.15 on torch converts tensors with np.array(x, copy=False), which numpy 2 warns about each time.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
 FIXTURES = Path(__file__).parent / "fixtures" / "keras_files"
 KERAS3_FILES = [
     f"{name}{suffix}" for name in ("convnet3_small", "batchnorm", "flatten_dense") for suffix in (".keras", ".h5")

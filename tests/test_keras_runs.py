@@ -28,7 +28,13 @@ from cnnlab.runfolder import RunFolder
 from cnnlab_cli import run_cnnlab
 from synthetic import SMALL_SPEC, learnable_arrays, write_dataset_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore::cnnlab.errors.DataWarning")
+# Keras 3.15 on torch converts tensors with np.array(x, copy=False), which numpy 2 warns about each time.
+KERAS_NUMPY_WARNING = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::cnnlab.errors.DataWarning"),
+    pytest.mark.filterwarnings(KERAS_NUMPY_WARNING),
+]
 
 SMALL = spec_from_text(SMALL_SPEC, source="test", default_name="small")
 OTHER = spec_from_text(SMALL_SPEC.replace("filters = 4", "filters = 6"), source="test", default_name="other")
@@ -131,6 +137,9 @@ def test_a_keras_file_is_a_one_model_run_for_evaluate_report_predict_and_export(
     assert "is a Keras model file: give a new folder for its run with -o" in capsys.readouterr().err
     assert main(["report", str(path), "-o", str(tmp_path / "report"), *env]) == 0
     assert (tmp_path / "report" / "report.html").is_file() and not list((tmp_path / "report").glob("loss_*"))
+    capsys.readouterr()
+    assert main(["report", str(path), "-o", str(tmp_path / "report"), *env]) == 2  # never mixed with a run's files
+    assert "report is not empty; give a new folder for the run with -o" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "report"), "--dataset", "mnist"]) == 2
     assert "--dataset applies to a Keras model file" in capsys.readouterr().err
 

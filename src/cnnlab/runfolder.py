@@ -136,12 +136,12 @@ class RunFolder:
 
     @classmethod
     def create_at(cls, path: Path) -> RunFolder:
-        """A new run folder at exactly `path` (a combined run's `-o DIR`): refused when `path` exists
-        and is not an empty folder, so no run's files are ever mixed with another's."""
+        """A new run folder at exactly `path` (`-o DIR`: a combined run, a Keras file's run): refused
+        when `path` exists and is not an empty folder, so no run's files are ever mixed with another's."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             kind = "is not empty" if path.is_dir() else "exists and is not a folder"
-            raise RunError(f"{path} {kind}; give a new folder for the combined run with -o")
+            raise RunError(f"{path} {kind}; give a new folder for the run with -o")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
