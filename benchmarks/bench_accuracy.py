@@ -12,8 +12,11 @@ batch 128) is trained twice:
 
 Same seed, same initial weights and the same shuffles; only the arithmetic and the dropout random
 stream differ. It reports each run's test accuracy after the last epoch, the means over seeds, the
-difference in percentage points, Welch's test, and the issue's bar (defaults within 0.15 pp of the
-reference). Results are written to JSON after every run, so an interrupted run keeps what it has.
+difference in percentage points, Welch's test, and the issue's bar as a paired equivalence test:
+two one-sided t-tests (TOST) on each seed's difference, margin 0.15 pp (`stats.paired_equivalence`):
+"equivalent", "different", or "unresolved" (more seeds needed). Pairing by seed is what makes it
+cheap: a seed's two runs share initial weights and data order, so their difference varies far less
+than the accuracies do. Results are written to JSON after every run, so an interrupted run keeps what it has.
 
     python benchmarks/bench_accuracy.py                                # 3 models x 3 seeds x 3 epochs
     python benchmarks/bench_accuracy.py --models convnet7 --seeds 2 --epochs 1 --limit-train 2000
@@ -44,7 +47,7 @@ from cnnlab.engine import DeviceData, Splits, train
 from cnnlab.hardware import resolve_hardware
 from cnnlab.models import FastDropout, build_model
 from cnnlab.spec import ModelSpec
-from cnnlab.stats import aggregate, welch
+from cnnlab.stats import aggregate, paired_equivalence, welch
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["convnet3", "convnet5", "convnet7"]
@@ -103,6 +106,14 @@ def summarise(runs: list[dict], models: list[str]) -> list[dict]:
             continue
         a, b = aggregate(accuracies["defaults"]), aggregate(accuracies["reference"])
         test = welch(accuracies["defaults"], accuracies["reference"], "defaults", "reference")
+        by_seed = {
+            c: {r["seed"]: r["test_accuracy"] for r in runs if r["model"] == model_name and r["config"] == c}
+            for c in ("defaults", "reference")
+        }
+        paired = sorted(set(by_seed["defaults"]) & set(by_seed["reference"]))
+        tost = paired_equivalence(
+            [by_seed["defaults"][s] for s in paired], [by_seed["reference"][s] for s in paired], BAR_PP / 100
+        )
         difference_pp = (a.mean - b.mean) * 100
         rows.append(
             {
@@ -117,7 +128,11 @@ def summarise(runs: list[dict], models: list[str]) -> list[dict]:
                 "difference_pp": difference_pp,
                 "p_value": test.p_value,
                 "ci_pp": [test.ci_low * 100, test.ci_high * 100],
-                "within_bar": abs(difference_pp) <= BAR_PP,
+                "pairs": len(paired),
+                "paired_difference_pp": tost.difference * 100,
+                "paired_ci90_pp": [tost.ci_low * 100, tost.ci_high * 100],
+                "tost_p": tost.p_value,
+                "verdict": tost.verdict,
             }
         )
     return rows
@@ -135,20 +150,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"- defaults: {meta['defaults']}; reference: fp32, NCHW, not compiled, `nn.Dropout` (`bernoulli_`) "
         "masks. Same seed, same initial weights and shuffles.",
         "",
-        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | its 95% CI | Welch p "
-        "| within 0.15 pp |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | Welch p "
+        f"| paired difference, its 90% CI | TOST p (margin {BAR_PP} pp) | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         p = "n/a" if r["p_value"] != r["p_value"] else f"{r['p_value']:.2f}"
-        verdict = "yes" if r["within_bar"] else "no"
-        half_width = (r["ci_pp"][1] - r["ci_pp"][0]) / 2
-        if not half_width <= 1.0:  # NaN (one seed) or wider than +-1 pp: the seeds cannot resolve 0.15 pp
-            verdict += " (too few seeds to tell)" if half_width != half_width else " (CI too wide to tell)"
+        tost = "n/a" if r["tost_p"] != r["tost_p"] else f"{r['tost_p']:.3f}"
         lines.append(
             f"| {r['model']} | {r['seeds']} | {r['defaults_mean'] * 100:.2f} ± {r['defaults_std'] * 100:.2f} % "
             f"| {r['reference_mean'] * 100:.2f} ± {r['reference_std'] * 100:.2f} % "
-            f"| {r['difference_pp']:+.2f} pp | {r['ci_pp'][0]:+.2f} to {r['ci_pp'][1]:+.2f} | {p} | {verdict} |"
+            f"| {r['difference_pp']:+.2f} pp | {p} | {r['paired_difference_pp']:+.3f} pp "
+            f"({r['paired_ci90_pp'][0]:+.3f} to {r['paired_ci90_pp'][1]:+.3f}) | {tost} | {r['verdict']} |"
         )
     lines.append("")
     lines.append(
@@ -172,6 +185,13 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--max-seeds",
+        type=int,
+        default=None,
+        help="past --seeds, add seeds to the models whose equivalence test is unresolved, up to this many "
+        "(a sequential design: the verdict's alpha is then nominal)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-test", type=int, default=None)
@@ -224,8 +244,15 @@ def main() -> None:
     done = {(r["model"], r["seed"], r["config"]) for r in runs}
     data = DeviceData(dataset, selection, torch.device(resolved.device))  # on the device once for all runs
     started = time.perf_counter()
-    for seed in range(args.seeds):  # seed-major, so an interrupted run has every model's first seeds
-        for model_name in args.models:
+    seed = 0
+    while True:  # seed-major, so an interrupted run has every model's first seeds
+        models = args.models
+        if seed >= args.seeds:  # past --seeds: only the unresolved models, up to --max-seeds
+            unresolved = {r["model"] for r in summarise(runs, args.models) if r["verdict"] == "unresolved"}
+            models = [m for m in args.models if m in unresolved] if seed < (args.max_seeds or 0) else []
+        if not models:
+            break
+        for model_name in models:
             if all((model_name, seed, c) in done for c in ("defaults", "reference")):
                 continue
             splits = data.splits(seed)
@@ -253,6 +280,7 @@ def main() -> None:
                         json.dumps({"meta": meta, "runs": runs, "summary": summarise(runs, args.models)}, indent=1)
                     )
                     tmp.replace(args.json)
+        seed += 1
     emit(markdown(summarise(runs, args.models), meta), args.append)
 
 

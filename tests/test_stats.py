@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from cnnlab.results import EpochRecord, UnitResult
-from cnnlab.stats import Comparison, aggregate, arm_stats, holm, pairwise, welch
+from cnnlab.stats import Comparison, aggregate, arm_stats, holm, paired_equivalence, pairwise, welch
 from cnnlab.tables import comparison_headers, comparison_rows
 
 A = [0.98, 0.99, 1.00]
@@ -275,3 +275,35 @@ def test_three_equal_arms_give_a_false_verdict_at_most_5_percent_of_the_time(see
         ]
         false_verdicts += any(c.significant for c in pairwise(units))
     assert false_verdicts / trials <= 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired equivalence (TOST)
+
+
+@pytest.mark.parametrize("shift, seed", [(0.0, 0), (0.001, 1), (-0.002, 2), (0.004, 3)])
+def test_paired_equivalence_is_two_one_sided_t_tests(shift: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b = rng.normal(0.985, 0.002, 12)
+    a = b + shift + rng.normal(0, 0.001, 12)
+    result = paired_equivalence(a, b, margin=0.0015)
+    d = a - b
+    below = scipy_stats.ttest_1samp(d, -0.0015, alternative="greater").pvalue
+    above = scipy_stats.ttest_1samp(d, 0.0015, alternative="less").pvalue
+    assert result.p_value == pytest.approx(max(below, above), rel=1e-9)
+    interval = scipy_stats.t.interval(0.90, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    assert (result.ci_low, result.ci_high) == pytest.approx(interval, rel=1e-9)
+    assert result.n == 12 and result.difference == pytest.approx(d.mean())
+
+
+def test_paired_equivalence_verdicts() -> None:
+    base = np.array([0.980, 0.984, 0.986, 0.982, 0.985, 0.983])
+    noise = np.array([1, -1, 2, -2, 1, -1]) * 1e-4
+    assert paired_equivalence(base + noise, base, margin=0.0015).verdict == "equivalent"
+    assert paired_equivalence(base + 0.004 + noise, base, margin=0.0015).verdict == "different"
+    wide = np.array([1, -1, 2, -2, 1, -1]) * 3e-3
+    assert paired_equivalence(base + wide, base, margin=0.0015).verdict == "unresolved"  # too spread to tell
+    one = paired_equivalence([0.98], [0.98], margin=0.0015)
+    assert one.verdict == "unresolved" and one.p_value != one.p_value  # one pair: no test
+    same = paired_equivalence(base, base, margin=0.0015)
+    assert same.verdict == "equivalent" and same.difference == 0.0

@@ -89,7 +89,7 @@ def _key(
 class Recipe:
     """How one arm trains: the notebook's recipe by default (Adam, batch 128, 12 epochs)."""
 
-    # 0 only with --init-from (RunPlan checks): the imported weights, tested as they are.
+    # 0 only with --init-from (api.plan_run checks): the imported weights, tested as they are.
     epochs: int = _key(12, _non_negative_int, "be an integer >= 0", "--epochs", "epochs")
     batch_size: int = _key(128, _positive_int, "be an integer >= 1", "--batch-size", "batch")
     optimizer: str = _key("adam", lambda v: v in OPTIMIZERS, "be adam, sgd, rmsprop or adamw", "--optimizer", "opt")

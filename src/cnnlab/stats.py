@@ -212,6 +212,49 @@ def welch(
     )
 
 
+@dataclass(frozen=True)
+class Equivalence:
+    """A paired equivalence test (two one-sided t-tests, TOST) of mean(a - b) against +-margin.
+
+    `verdict` is "equivalent" when both one-sided tests reject at alpha (the 1 - 2 alpha interval lies
+    inside +-margin), "different" when that interval lies wholly outside it, and otherwise
+    "unresolved": more pairs are needed to tell."""
+
+    difference: float  # mean of the paired differences a - b
+    ci_low: float  # the 1 - 2 alpha interval of the mean difference (90% at alpha 0.05)
+    ci_high: float
+    p_value: float  # TOST's p: the larger of the two one-sided p-values (NaN below two pairs)
+    margin: float
+    n: int
+    alpha: float = 0.05
+
+    @property
+    def verdict(self) -> str:
+        if self.p_value < self.alpha:
+            return "equivalent"
+        if self.ci_low > self.margin or self.ci_high < -self.margin:
+            return "different"
+        return "unresolved"
+
+
+def paired_equivalence(a: Sequence[float], b: Sequence[float], margin: float, alpha: float = 0.05) -> Equivalence:
+    """Is mean(a - b) within +-margin? Two one-sided paired t-tests (Schuirmann's TOST) on the pairs
+    (a[i], b[i]), e.g. one seed trained two ways; the pairs' spread decides how many are needed."""
+    differences = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(differences)
+    mean = float(differences.mean()) if n else math.nan
+    if n < 2:
+        return Equivalence(mean, math.nan, math.nan, math.nan, margin, n, alpha)
+    standard_error = float(differences.std(ddof=1)) / math.sqrt(n)
+    if standard_error == 0:  # identical pairs: the difference is known exactly
+        inside = abs(mean) < margin
+        return Equivalence(mean, mean, mean, 0.0 if inside else 1.0, margin, n, alpha)
+    lower = float(scipy_stats.t.sf((mean + margin) / standard_error, n - 1))  # H0: mean <= -margin
+    upper = float(scipy_stats.t.cdf((mean - margin) / standard_error, n - 1))  # H0: mean >= +margin
+    half = float(scipy_stats.t.ppf(1 - alpha, n - 1)) * standard_error
+    return Equivalence(mean, mean - half, mean + half, max(lower, upper), margin, n, alpha)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment: the adjusted p-values, in the input's order."""
     m = len(p_values)
