@@ -342,6 +342,40 @@ def train_cnnlab(
     return losses, keras_layer_weights(model), time.perf_counter() - started, initial_difference
 
 
+@dataclass
+class Setup:
+    """One model ready to train in both frameworks on the same batches."""
+
+    spec: ModelSpec
+    images: torch.Tensor  # uint8, cnnlab's input
+    labels: torch.Tensor
+    data: str  # "mnist" or "synthetic"
+    x: np.ndarray  # the same images as Keras takes them: float32 NHWC / 255
+    y: np.ndarray  # one-hot
+    keras_model: object
+    keras_source: str
+    names: list[str]  # Keras's layer names
+
+
+def setup(name: str, steps: int, batch_size: int, data_dir: Path | None, seed: int) -> Setup:
+    """The spec (dropout off), `steps * batch_size` images in training order, and the Keras model made
+    from its JSON with Keras's own initial weights (seeded), compiled as the notebook does
+    (jit_compile=False is what "auto" means on the torch backend: eager)."""
+    keras = import_keras()
+    spec = model_spec(name)
+    images, labels, data = batches_for(spec, steps * batch_size, data_dir)
+    x = images.numpy().astype(np.float32).reshape(len(images), *spec.input_shape) / 255
+    y = np.eye(spec.num_classes, dtype=np.float32)[labels.numpy()]
+    keras.utils.set_random_seed(seed)
+    text, keras_source = keras_json(name, spec)
+    keras_model = keras.models.model_from_json(text)
+    if len(keras_model.layers) != len(spec.layers):
+        raise RuntimeError(f"{name}: Keras has {len(keras_model.layers)} layers, the spec {len(spec.layers)}")
+    keras_model.compile(optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", jit_compile=False)
+    names = [layer.name for layer in keras_model.layers]
+    return Setup(spec, images, labels, data, x, y, keras_model, keras_source, names)
+
+
 def measure(
     name: str,
     steps: int = 100,
@@ -353,23 +387,10 @@ def measure(
     """Train model `name` (built-in, or a fixture's file name) `steps` Adam steps in Keras 3 and in
     cnnlab from the same weights on the same batches, and compare (see the module's docstring).
     With `layout_baseline`, also train cnnlab in channels_last and compare it with cnnlab in NCHW."""
-    keras = import_keras()
-    spec = model_spec(name)
-    images, labels, data = batches_for(spec, steps * batch_size, data_dir)
-    # The same batches in the same order: Keras gets x / 255 in NHWC, cnnlab the uint8 images.
-    x = images.numpy().astype(np.float32).reshape(len(images), *spec.input_shape) / 255
-    y = np.eye(spec.num_classes, dtype=np.float32)[labels.numpy()]
-
-    # Keras: the model from its JSON, Keras's own initial weights (seeded), the notebook's compile
-    # (jit_compile=False is what "auto" means on the torch backend: eager).
-    keras.utils.set_random_seed(seed)
-    text, keras_source = keras_json(name, spec)
-    keras_model = keras.models.model_from_json(text)
-    if len(keras_model.layers) != len(spec.layers):
-        raise RuntimeError(f"{name}: Keras has {len(keras_model.layers)} layers, the spec {len(spec.layers)}")
-    keras_model.compile(optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", jit_compile=False)
+    ready = setup(name, steps, batch_size, data_dir, seed)
+    spec, images, labels, data, x, y = ready.spec, ready.images, ready.labels, ready.data, ready.x, ready.y
+    keras_model, keras_source, names = ready.keras_model, ready.keras_source, ready.names
     initial = keras_weights(keras_model)
-    names = [layer.name for layer in keras_model.layers]
 
     keras_losses, keras_seconds = train_keras(keras_model, x, y, steps, batch_size)
     keras_final = keras_weights(keras_model)
@@ -424,17 +445,10 @@ def measure_step_by_step(
     moving statistics, Adam's moments and step count) and takes the same step with its own engine. Every
     step's loss and the weights after the last step are compared: the arithmetic of each step, without
     the rounding differences of earlier steps that a free-running comparison (`measure`) compounds."""
-    keras = import_keras()
-    spec = model_spec(name)
-    images, labels, data = batches_for(spec, steps * batch_size, data_dir)
-    x = images.numpy().astype(np.float32).reshape(len(images), *spec.input_shape) / 255
-    y = np.eye(spec.num_classes, dtype=np.float32)[labels.numpy()]
-    keras.utils.set_random_seed(seed)
-    text, keras_source = keras_json(name, spec)
-    keras_model = keras.models.model_from_json(text)
-    keras_model.compile(optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", jit_compile=False)
-    keras_model.optimizer.build(keras_model.trainable_variables)
-    names = [layer.name for layer in keras_model.layers]
+    ready = setup(name, steps, batch_size, data_dir, seed)
+    spec, images, labels, data, x, y = ready.spec, ready.images, ready.labels, ready.data, ready.x, ready.y
+    keras_model, keras_source, names = ready.keras_model, ready.keras_source, ready.names
+    keras_model.optimizer.build(keras_model.trainable_variables)  # its moments exist before the first step
 
     model = build_model(spec)
     parameters = dict(model.named_parameters())

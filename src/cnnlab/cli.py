@@ -380,14 +380,20 @@ KerasDatasetOpt = Annotated[
 RUN_OR_KERAS = "A run folder made by train, compare or sweep, or a Keras model file (.keras, .h5)."
 
 
+def _is_keras_model(path: Path) -> bool:
+    """Whether a command's RUN_DIR argument names a Keras model file rather than a run folder."""
+    from cnnlab.keras_files import is_keras_file
+
+    return is_keras_file(path) and path.is_file()
+
+
 @contextlib.contextmanager
 def _as_run(path: Path, dataset: str | None, data_dir: Path | None, out_dir: Path | None = None) -> Iterator[Path]:
     """A run folder as it is; a Keras model file as a one-model run, its weights tested on --dataset."""
     from cnnlab.api import keras_model_run
     from cnnlab.errors import ConfigError
-    from cnnlab.keras_files import is_keras_file
 
-    if not (is_keras_file(path) and path.is_file()):
+    if not _is_keras_model(path):
         if dataset is not None:
             raise ConfigError(f"--dataset applies to a Keras model file; {path} is a run folder, which records its own")
         yield path
@@ -588,9 +594,8 @@ def evaluate(
     from rich.text import Text
 
     from cnnlab.api import evaluate as evaluate_run
-    from cnnlab.keras_files import is_keras_file
 
-    if is_keras_file(run_dir) and run_dir.is_file():
+    if _is_keras_model(run_dir):
         with _as_run(run_dir, dataset or "mnist", data_dir) as folder:
             name, images, rows = evaluate_run(folder, device=device)
     else:
@@ -633,10 +638,9 @@ def report(
     """
     from cnnlab.api import check_image_format, combine
     from cnnlab.errors import ConfigError
-    from cnnlab.keras_files import is_keras_file
 
     check_image_format(image_format)
-    if len(run_dirs) == 1 and is_keras_file(run_dirs[0]) and run_dirs[0].is_file():
+    if len(run_dirs) == 1 and _is_keras_model(run_dirs[0]):
         if output is None:
             raise ConfigError(
                 f"{run_dirs[0]} is a Keras model file: give a new folder for its run with -o, "
@@ -792,9 +796,8 @@ def export(
     Example: cnnlab export legacy_model.h5 --to keras
     """
     from cnnlab.export import export_run
-    from cnnlab.keras_files import is_keras_file
 
-    if output is None and is_keras_file(run_dir) and run_dir.is_file():  # beside the Keras file, never over it
+    if output is None and _is_keras_model(run_dir):  # beside the Keras file, never over it
         output = run_dir.with_suffix(f".{to}")
         output = output.with_name(f"{run_dir.stem}-export.{to}") if output == run_dir else output
     with _as_run(run_dir, dataset, data_dir) as folder:
