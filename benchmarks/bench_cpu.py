@@ -53,7 +53,7 @@ from cnnlab.catalog import load_spec
 from cnnlab.config import DataSelection, Hardware, HardwareRequest, Recipe
 from cnnlab.datasets import Dataset, load_dataset
 from cnnlab.engine import DeviceData, Splits, TrainStep, build_train_step, evaluate, new_model
-from cnnlab.hardware import cpu_name, resolve_hardware
+from cnnlab.hardware import cpu_name, keep_freed_memory_for_reuse, resolve_hardware
 from cnnlab.models import summarize
 from cnnlab.optim import KerasAdam
 from peers import torch_peer
@@ -354,10 +354,12 @@ class CnnlabModel:
 
 
 def cpu_hardware() -> Hardware:
-    """cnnlab's defaults (`HardwareRequest()`) resolved for this machine, which must be the CPU."""
+    """cnnlab's defaults (`HardwareRequest()`) resolved for this machine, which must be the CPU,
+    with the allocator setting cnnlab makes before training on it (process-wide)."""
     hardware = resolve_hardware(HardwareRequest())
     if torch.device(hardware.device).type != "cpu":
         raise SystemExit("bench_cpu.py measures the CPU; this machine resolves to CUDA (use bench_gpu.py)")
+    keep_freed_memory_for_reuse()
     return hardware
 
 
@@ -461,6 +463,11 @@ def run(settings: Settings, data_dir: Path) -> dict:
         "models": {},
     }
     started = time.perf_counter()
+    if keep_freed_memory_for_reuse():
+        results["notes"].append(
+            "cnnlab keeps freed memory for reuse before training on the CPU (`hardware.keep_freed_memory_for_reuse`, "
+            "glibc's mmap and trim thresholds); it is process-wide, so the eager peer, in the same process, gets it too."
+        )
     machine = results["machine"]
     log(f"machine: {machine['model']}, {machine['usable_cores']} cores, {results['pressure_start']}")
     data = device_data(load_dataset("fashion-mnist", data_dir=data_dir, progress=False))

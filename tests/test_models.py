@@ -202,6 +202,20 @@ def test_batch_norm_uses_keras_constants():
     torch.testing.assert_close(bn(x), (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-3))
 
 
+def test_batch_norm_computes_in_float32_under_bf16_like_keras_mixed_precision():
+    # Keras casts a bf16 input to float32, normalises, and casts the output back. A large mean
+    # against a small spread is where bf16 moments would fail (20's bf16 spacing is 0.125).
+    bn = KerasBatchNorm(4, BatchNormalization())
+    x = (torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 0.05 + 20).bfloat16()
+    y = bn.train()(x)
+    exact = x.float()
+    expected = (exact - exact.mean(0)) / torch.sqrt(exact.var(0, unbiased=False) + 1e-3)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_mean, 0.01 * exact.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(bn.running_var, 0.99 + 0.01 * exact.var(0, unbiased=False), rtol=1e-6, atol=0)
+
+
 def test_batch_norm_center_and_scale_flags_change_parameters():
     spec = _spec(
         [
@@ -274,6 +288,27 @@ def test_fast_dropout_honours_odd_rates(rate):
     assert dropped == pytest.approx(rate, abs=0.003)  # 400k draws: about 5 standard errors
     assert y.max().item() == pytest.approx(1 / (1 - rate), rel=1e-4)
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_drops_the_same_elements_in_either_memory_layout(dtype):
+    # channels_last only changes where elements live, never which are dropped: a seed's masks and
+    # so its training are the ones cnnlab 0.1 drew, and NCHW and NHWC runs share them.
+    from cnnlab.models import FastDropout
+
+    x = torch.rand(3, 5, 4, 6, generator=torch.Generator().manual_seed(1)).to(dtype) + 1
+    dropout = FastDropout(0.25).train()
+    torch.manual_seed(7)
+    nchw = dropout(x)
+    torch.manual_seed(7)
+    nhwc = dropout(x.contiguous(memory_format=torch.channels_last))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, nhwc)
+    torch.manual_seed(7)  # the mask as cnnlab 0.1 made it, from the same 16-bit draws
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    noise = words.view(torch.int16)[: x.numel()].view(x.shape)
+    expected = x * (noise >= dropout.threshold - 32768).to(dtype).mul_(dropout.scale)
+    assert torch.equal(nchw, expected) and 0 < (nchw == 0).sum() < x.numel()
 
 
 def test_glorot_bias_uses_keras_fans():

@@ -234,10 +234,14 @@ def test_an_interrupted_run_folder_of_cnnlab_0_1_resumes_to_the_result_0_1_got(t
     assert not (unit / "checkpoint.pt").exists()
     assert all(path.read_bytes() == content for path, content in kept.items())  # finished units untouched
 
-    # The same numbers as the run 0.1 finished without interruption.
-    assert history(unit) == history(finished / "tiny_b" / "seed-1")
+    # The numbers of the run 0.1 finished without interruption, within rounding: the resumed epoch
+    # runs 0.2's fused CPU Adam, which rounds differently (test_golden.py; measured 2.9e-6 relative at most).
+    resumed_history, expected_history = history(unit), history(finished / "tiny_b" / "seed-1")
+    assert [r["epoch"] for r in resumed_history] == [r["epoch"] for r in expected_history]
+    flat = lambda rows: [r[k] for r in rows for k in HISTORY_KEYS if k != "epoch"]  # noqa: E731
+    assert flat(resumed_history) == pytest.approx(flat(expected_history), rel=1e-4)
     metrics, expected = read_json(unit / "metrics.json"), read_json(finished / "tiny_b" / "seed-1" / "metrics.json")
-    assert {k: metrics[k] for k in METRIC_KEYS} == {k: expected[k] for k in METRIC_KEYS}
+    assert [metrics[k] for k in METRIC_KEYS] == pytest.approx([expected[k] for k in METRIC_KEYS], rel=1e-4)
     assert metrics["arm"] == metrics["model"] == "tiny_b"
     assert all(s == UnitStatus("finished", 2) for s in statuses(run_dir).values())
     assert (run_dir / "report.html").is_file() and "incomplete" not in (run_dir / "report.html").read_text()

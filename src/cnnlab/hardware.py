@@ -9,6 +9,7 @@ computes it natively.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import platform
 from pathlib import Path
 
@@ -83,3 +84,18 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Ask glibc's allocator to reuse freed memory instead of returning it to the system.
+
+    By default glibc serves blocks over 128 KiB-32 MiB with fresh pages from the system and returns
+    them when freed, so each CPU training step page-faults its activations in again: that cost a
+    quarter of convnet3's bf16 step (BENCHMARKS.md, "CPU levers"). Raising the mmap and trim
+    thresholds keeps those pages in the process for the next step; the resident size then stays
+    near its peak. Process-wide, like the thread count; does nothing (False) without glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    return False

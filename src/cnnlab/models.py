@@ -115,16 +115,20 @@ class KerasBatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Like Keras under mixed precision, normalise in float32 and cast back: bf16 moments lose
+        # precision, and `x * scale + shift` cancels when the mean is large against the spread.
+        output_dtype = x.dtype
+        x = x.float()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training:
             axes = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=axes, correction=0)
             with torch.no_grad():
                 if self.numerics == 3:  # Keras 3: moving = moving * momentum + batch * (1 - momentum)
-                    self.running_mean.lerp_(mean.detach().float(), 1 - self.momentum)
-                    self.running_var.lerp_(var.detach().float(), 1 - self.momentum)
+                    self.running_mean.lerp_(mean.detach(), 1 - self.momentum)
+                    self.running_var.lerp_(var.detach(), 1 - self.momentum)
                 else:
-                    self._keras2_update(mean.detach().float(), var.detach().float(), x.numel() // x.shape[1], x.dim())
+                    self._keras2_update(mean.detach(), var.detach(), x.numel() // x.shape[1], x.dim())
         else:
             mean, var = self.running_mean, self.running_var
         scale = torch.rsqrt(var + self.epsilon)
@@ -133,7 +137,7 @@ class KerasBatchNorm(nn.Module):
         shift = -mean * scale
         if self.bias is not None:
             shift = shift + self.bias
-        return x * scale.reshape(shape).to(x.dtype) + shift.reshape(shape).to(x.dtype)
+        return (x * scale.reshape(shape) + shift.reshape(shape)).to(output_dtype)
 
     def _keras2_update(self, mean: torch.Tensor, var: torch.Tensor, n: int, dims: int) -> None:
         """Keras 2.2.4's moving averages (see the class): unbiased variance, zero-debiased average."""
@@ -175,8 +179,13 @@ class FastDropout(nn.Module):
             keep = torch.rand(x.shape, device=x.device, dtype=torch.float16) >= self.rate
             return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-        noise = words.view(torch.int16)[: x.numel()].view(x.shape)
-        keep = (noise >= self.threshold - 32768).to(x.dtype).mul_(self.scale)
+        noise = words.view(torch.int16)[: x.numel()].view(x.shape)  # the same draws in any memory layout
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # Elementwise work between tensors of different layouts takes a slow path (10x here).
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        # keep = noise >= limit, as 0/1 by clamping: bool masks convert to floats several times slower.
+        limit = self.threshold - 32768
+        keep = noise.clamp_(limit - 1, limit).sub_(limit - 1).to(x.dtype).mul_(self.scale)
         return x * keep
 
 

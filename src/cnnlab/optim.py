@@ -18,12 +18,14 @@ momentum; it has no AdamW and no weight decay (`config.Recipe` refuses those wit
 
 Shared by all of them:
 
-- The updates use PyTorch's multi-tensor (`_foreach`) kernels: one pass over all parameters.
+- The updates use PyTorch's multi-tensor (`_foreach`) kernels: one launch per operation for all
+  parameters. Adam on the CPU uses PyTorch's fused kernel instead (one vectorised pass, Keras's
+  epsilon scaled to where it adds it): the same rule, rounded differently.
 - The learning rate lives in one 0-d float64 tensor on the parameters' device,
   `optimizer.learning_rate`, shared by every param group and read by every step:
   `set_learning_rate` changes it in place (no host sync), so a compiled step or a captured CUDA
   graph sees the new value on its next replay. Keras keeps it in a float32 variable; float64
-  keeps cnnlab 0.1's Adam arithmetic (a Python float learning rate) bit for bit.
+  kept cnnlab 0.1's Adam arithmetic (a Python float learning rate) bit for bit.
 - The state (step count, moments) is made eagerly, on the parameters' device, and marked as
   static addresses: a compiled step updates it in place and CUDA graphs can replay the update
   (as torch.optim does when compiled). `load_state_dict` copies into those same tensors.
@@ -31,6 +33,7 @@ Shared by all of them:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -206,6 +209,14 @@ class KerasAdam(KerasOptimizer):
     def _update(self, group, params, grads, states, t, lr):
         ms = [state["m"] for state in states]
         vs = [state["v"] for state in states]
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+            # PyTorch's fused CPU Adam: one vectorised pass instead of nine over all the weights
+            # (BENCHMARKS.md, "CPU levers"). Its epsilon is added after the bias correction, so
+            # Keras's, added before it, is scaled to match: eps / sqrt(1 - beta_2^t).
+            epsilon = group["epsilon"] / math.sqrt(1 - group["beta_2"] ** t.item())
+            torch._fused_adam_(params, grads, ms, vs, [], [t] * len(params), lr=lr, beta1=group["beta_1"],
+                               beta2=group["beta_2"], weight_decay=0.0, eps=epsilon, amsgrad=False, maximize=False)  # fmt: skip
+            return
         t = t.double()  # float64 for the bias corrections: exact for any step count
         beta_1, beta_2 = group["beta_1"], group["beta_2"]
         alpha = lr * torch.sqrt(1 - beta_2**t) / (1 - beta_1**t)

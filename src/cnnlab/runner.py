@@ -20,6 +20,7 @@ from cnnlab.config import Hardware, RunPlan, Unit
 from cnnlab.datasets import Dataset
 from cnnlab.engine import CheckpointMismatch, DeviceData, Reporter, TrainResult, train
 from cnnlab.errors import CnnlabError, ConfigError, RunError
+from cnnlab.hardware import keep_freed_memory_for_reuse
 from cnnlab.models import summarize
 from cnnlab.results import UnitResult, UnitStatus
 from cnnlab.runfolder import RunFolder, first_line
@@ -85,6 +86,8 @@ def train_unit(
     initial_weights = folder.initial_weights(unit.arm)  # --init-from: every seed starts from them
     threads = torch.get_num_threads()
     torch.set_num_threads(hardware.threads)  # the thread count is part of a CPU result's bits
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     try:
         result = train(unit.arm.spec, unit.arm.recipe, unit.seed, data.splits(unit.seed), hardware,
                        reporter=reporter, checkpoint=checkpoint, initial_weights=initial_weights)  # fmt: skip
