@@ -44,7 +44,7 @@ from cnnlab.catalog import load_spec
 from cnnlab.config import DataSelection, Hardware, HardwareRequest, Recipe
 from cnnlab.datasets import load_dataset
 from cnnlab.engine import DeviceData, Splits, train
-from cnnlab.hardware import resolve_hardware
+from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
 from cnnlab.models import FastDropout, build_model
 from cnnlab.spec import ModelSpec
 from cnnlab.stats import aggregate, paired_equivalence, welch
@@ -218,6 +218,8 @@ def main() -> None:
     recipe = Recipe(epochs=args.epochs)
     selection = DataSelection(args.dataset, str(args.data_dir), args.limit_train, args.limit_test)
     resolved = resolve_hardware(HardwareRequest())
+    if resolved.device == "cpu":
+        keep_freed_memory_for_reuse()  # as cnnlab's runner does before training on the CPU
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{resolved.device_name} ({resolved.device}), {torch.get_num_threads()} threads",

@@ -146,6 +146,33 @@ def test_matches_keras_formula_including_epsilon_placement():
     assert not math.isclose(torch_adam[0], expected[0], rel_tol=1e-3)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_cpu_adam_takes_the_foreach_steps_within_rounding(weight_decay):
+    """On the CPU Adam runs PyTorch's fused kernel with Keras's epsilon rescaled; the `_foreach`
+    update (CUDA, compiled steps) is the formula as Keras writes it. Tiny gradients make epsilon's
+    placement matter. In float64, so that rounding does not hide a wrong formula."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=generator, dtype=torch.float64)
+    grads = [
+        torch.randn(1000, generator=generator, dtype=torch.float64)
+        * 10.0 ** -torch.randint(0, 9, (1000,), generator=generator)
+        for _ in range(20)
+    ]
+
+    def weights(fused_on_cpu: bool, epsilon: float = 1e-7) -> torch.Tensor:
+        w = start.clone().requires_grad_()
+        opt = KerasAdam([w], lr=1e-3, epsilon=epsilon, weight_decay=weight_decay, fused_on_cpu=fused_on_cpu)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        return w.detach()
+
+    foreach, fused = weights(False), weights(True)
+    torch.testing.assert_close(fused - start, foreach - start, rtol=1e-9, atol=1e-15)
+    misplaced = weights(False, epsilon=1e-7 / math.sqrt(1 - 0.999**20))  # epsilon scaled at the last step only
+    assert not torch.allclose(foreach - start, misplaced - start, rtol=1e-3, atol=1e-15)
+
+
 def test_defaults_are_keras_defaults():
     def hyper(opt):
         return {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")} | {"lr": learning_rate(opt)}

@@ -200,16 +200,22 @@ class KerasAdam(KerasOptimizer):
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         weight_decay: float = 0.0,
+        fused_on_cpu: bool = True,
     ) -> None:
+        """`fused_on_cpu` False keeps the `_foreach` update on the CPU too (benchmarks compare them)."""
         if lr <= 0 or not 0 <= beta_1 < 1 or not 0 <= beta_2 < 1 or epsilon <= 0:
             raise ValueError("KerasAdam needs lr > 0, betas in [0, 1) and epsilon > 0")
         defaults = dict(lr=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
+        self.fused_on_cpu = fused_on_cpu
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "fused_on_cpu": self.fused_on_cpu}
 
     def _update(self, group, params, grads, states, t, lr):
         ms = [state["m"] for state in states]
         vs = [state["v"] for state in states]
-        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.fused_on_cpu and t.device.type == "cpu" and not torch.compiler.is_compiling():
             # PyTorch's fused CPU Adam: one vectorised pass instead of nine over all the weights
             # (BENCHMARKS.md, "CPU levers"). Its epsilon is added after the bias correction, so
             # Keras's, added before it, is scaled to match: eps / sqrt(1 - beta_2^t).

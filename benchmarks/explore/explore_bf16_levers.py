@@ -1,0 +1,167 @@
+"""Levers on cnnlab's CPU training step, measured on a CPU with native bf16 (issue "Speed, round
+two", goal 3). Each part times the old way against the new one in the same process, interleaved,
+except `allocator`, which needs a fresh process per setting.
+
+    python explore_bf16_levers.py dropout     # cnnlab 0.1's masks against today's, per layer
+    python explore_bf16_levers.py adam        # Keras Adam as _foreach kernels against the fused one
+    python explore_bf16_levers.py allocator   # a step with and without keep_freed_memory_for_reuse
+    python explore_bf16_levers.py layout      # a step in channels_last against NCHW
+    python explore_bf16_levers.py relu_pool   # ReLU after max-pooling instead of before (not adopted)
+
+Timings are medians in microseconds (dropout, adam) or milliseconds (steps); 2 threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from cnnlab.catalog import load_spec
+from cnnlab.config import HardwareRequest
+from cnnlab.engine import build_train_step, new_model
+from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
+from cnnlab.models import build_model
+from cnnlab.optim import KerasAdam
+
+MODELS = ["convnet3", "convnet5", "convnet7"]
+
+
+def interleaved(arms: dict[str, Callable[[], object]], rounds: int = 8, per_round: int = 5) -> dict[str, float]:
+    """Median seconds of each arm, the arms taking turns so that a slow spell hits all alike."""
+    for f in arms.values():
+        for _ in range(3):
+            f()
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name, f in arms.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def dropout() -> None:
+    rate = 0.25
+    threshold = round(rate * 65536)
+    limit, scale = threshold - 32768, 65536 / (65536 - threshold)
+
+    def noise_for(x: torch.Tensor) -> torch.Tensor:
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        return words.view(torch.int16)[: x.numel()].view(x.shape)
+
+    def old(x: torch.Tensor) -> torch.Tensor:  # cnnlab 0.1: NCHW noise, a bool mask
+        return (noise_for(x) >= limit).to(x.dtype).mul_(scale)
+
+    def new(x: torch.Tensor) -> torch.Tensor:  # today: noise in x's layout, 0/1 by clamping
+        noise = noise_for(x).contiguous(memory_format=torch.channels_last)
+        return noise.clamp_(limit - 1, limit).sub_(limit - 1).to(x.dtype).mul_(scale)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in [(128, 64, 24, 24), (128, 64, 14, 14), (128, 96, 7, 7)]:
+            x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+            grad = torch.randn_like(x)
+            torch.manual_seed(0)
+            keep_old = old(x)
+            torch.manual_seed(0)
+            keep_new = new(x)
+            assert torch.equal(x * keep_old, x * keep_new)  # the same masks
+            t = interleaved(
+                {
+                    "old forward": lambda: x * old(x),
+                    "new forward": lambda: x * new(x),
+                    "old backward": lambda: grad * keep_old,
+                    "new backward": lambda: grad * keep_new,
+                }
+            )
+            print(f"{str(dtype):15s} {shape}: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in t.items()))
+
+
+def adam() -> None:
+    for name in MODELS:
+        arms = {}
+        for fused in (False, True):
+            model = build_model(load_spec(name), 0)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            arms["fused" if fused else "foreach"] = KerasAdam(model.parameters(), fused_on_cpu=fused).step
+        t = interleaved(arms)
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in t.items()))
+
+
+def step_times(models: list[str], hardware_changes: dict[str, dict], steps_per_round: int = 5) -> dict:
+    """Median ms of cnnlab's training step per model and hardware variant, interleaved."""
+    hardware = resolve_hardware(HardwareRequest())
+    torch.set_num_threads(hardware.threads)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6000, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (6000,), generator=generator)
+    results = {}
+    for name in models:
+        arms = {}
+        for variant, changes in hardware_changes.items():
+            variant_hardware = dataclasses.replace(hardware, **changes.get("hardware", {}))
+            model = new_model(load_spec(name), 0, variant_hardware)
+            if changes.get("relu_after_pool"):
+                relu_after_pool(model)
+            step = build_train_step(model, KerasAdam(model.parameters()), variant_hardware, images, labels, 128)
+            arms[variant] = lambda step=step: step(torch.randint(0, 6000, (128,), generator=generator))
+        results[name] = {k: v * 1e3 for k, v in interleaved(arms, per_round=steps_per_round).items()}
+    return results
+
+
+def relu_after_pool(model: torch.nn.Module) -> None:
+    """Compute Conv+ReLU, MaxPool as Conv, MaxPool, ReLU: the same values and gradients."""
+    layers = model.layers
+    pairs = [
+        i
+        for i in range(len(layers) - 1)
+        if isinstance(layers[i], torch.nn.Sequential)
+        and isinstance(layers[i][-1], torch.nn.ReLU)
+        and isinstance(layers[i + 1], torch.nn.MaxPool2d)
+    ]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        i = 0
+        while i < len(layers):
+            if i in pairs:
+                x = layers[i][-1](layers[i + 1](layers[i][:-1](x)))
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+    model.forward = forward
+
+
+def allocator() -> None:
+    if len(sys.argv) > 2:  # a child: one setting
+        if sys.argv[2] == "keep":
+            assert keep_freed_memory_for_reuse()
+        print(step_times(MODELS, {"step": {}}))
+        return
+    for round_ in range(2):
+        for setting in ("default", "keep"):
+            out = subprocess.run([sys.executable, __file__, "allocator", setting], capture_output=True, text=True)
+            print(f"round {round_ + 1}, allocator {setting}: {out.stdout.strip() or out.stderr[-500:]}")
+
+
+def layout() -> None:
+    keep_freed_memory_for_reuse()
+    print(step_times(MODELS, {"channels_last": {}, "NCHW": {"hardware": {"channels_last": False}}}))
+
+
+def relu_pool() -> None:
+    keep_freed_memory_for_reuse()
+    print(step_times(MODELS, {"relu_then_pool": {}, "pool_then_relu": {"relu_after_pool": True}}))
+
+
+if __name__ == "__main__":
+    {"dropout": dropout, "adam": adam, "allocator": allocator, "layout": layout, "relu_pool": relu_pool}[sys.argv[1]]()
