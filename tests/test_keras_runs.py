@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import tomllib
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def test_init_from_is_refused_before_anything_is_written(tmp_path, data):
         SpecError, match=r"start.keras: layer 1 \(conv2d_1, Conv2D\): kernel has shape \(3, 3, 1, 4\) but"
     ):
         plan_run([OTHER], data=_selection(data), init_from=path)
+    huge = tmp_path / "huge.keras"
+    with huge.open("wb") as f:  # sparse: 3 GiB on paper, nothing on disk
+        f.truncate(3 << 30)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(SpecError, match=r"huge.keras: the file is 3.0 GiB, more than cnnlab reads for a model"):
+        plan_run([SMALL], data=_selection(data), init_from=huge)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < 1 << 20  # refused unread
     plan = plan_run([SMALL], data=_selection(data), init_from=path)
     _keras_file(path, seed=8)  # the file changes between planning and preparing
     with pytest.raises(ConfigError, match=r"start.keras: the file changed since the run was planned"):

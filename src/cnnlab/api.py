@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +50,7 @@ from cnnlab.engine import evaluate as evaluate_model
 from cnnlab.errors import ConfigError, RunError
 from cnnlab.hardware import check_available, resolve_device, resolve_hardware
 from cnnlab.image_folders import load_selection
-from cnnlab.keras_files import KerasArchive, read_keras_file
+from cnnlab.keras_files import KerasArchive, read_keras_file_and_digest
 from cnnlab.keras_weights import state_dict_from_keras
 from cnnlab.memory import check_fits_in_memory
 from cnnlab.plots import (
@@ -129,13 +128,7 @@ def plan_run(
 
 def _read_initial_weights(path: Path | str) -> tuple[KerasArchive, str]:
     """A Keras model file's architecture and weights, and the SHA-256 of its bytes."""
-    try:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ConfigError(
-            f"--init-from {path}: cannot be read ({exc.strerror or exc}); give a Keras model file (.keras or .h5)"
-        ) from None
-    return read_keras_file(path), digest
+    return read_keras_file_and_digest(path)
 
 
 def _initial_state_dicts(plan: RunPlan) -> dict[str, dict[str, torch.Tensor]]:

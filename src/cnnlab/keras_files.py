@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import re
@@ -90,8 +91,14 @@ class KerasArchive:
 
 def read_keras_file(path: str | Path) -> KerasArchive:
     """The model in a `.keras` file (Keras 3 zip) or a legacy `.h5` file (Keras 2 or 3), with its weights."""
+    return read_keras_file_and_digest(path)[0]
+
+
+def read_keras_file_and_digest(path: str | Path) -> tuple[KerasArchive, str]:
+    """`read_keras_file`, and the SHA-256 of the bytes it read (one read, size checked first)."""
     source = str(path)
-    return read_keras_bytes(_read_bytes(Path(path), source), source)
+    data = _read_bytes(Path(path), source)
+    return read_keras_bytes(data, source), hashlib.sha256(data).hexdigest()
 
 
 def read_keras_bytes(data: bytes, source: str) -> KerasArchive:
