@@ -131,9 +131,9 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16 trains as well "
-        "as fp32 within 0.15 pp by a paired equivalence test for convnet3 on a CPU; unverified for other models "
-        "and on GPUs (BENCHMARKS.md).",
+        help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16's accuracy "
+        "against fp32 is unverified: within 0.15 pp, convnet3 is not worse and convnet5 unresolved on a CPU; "
+        "convnet7 and GPUs untested (BENCHMARKS.md).",
     ),
 ]
 CompileOpt = Annotated[
