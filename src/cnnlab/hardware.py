@@ -89,9 +89,10 @@ def cpu_name() -> str:
 def keep_freed_memory_for_reuse() -> bool:
     """Ask glibc's allocator to reuse freed memory instead of returning it to the system.
 
-    By default glibc serves blocks over 128 KiB-32 MiB with fresh pages from the system and returns
-    them when freed, so each CPU training step page-faults its activations in again: that cost a
-    quarter of convnet3's bf16 step (BENCHMARKS.md, "CPU levers"). Raising the mmap and trim
+    By default glibc serves large blocks (from 128 KiB, a threshold it raises up to 32 MiB) with
+    fresh pages from the system and returns them when freed, so each CPU training step page-faults
+    its activations in again: that cost a quarter of convnet3's bf16 step (BENCHMARKS.md, "CPU kind
+    2", the levers). Raising the mmap and trim
     thresholds keeps those pages in the process for the next step; the resident size then stays
     near its peak. Process-wide, like the thread count; does nothing (False) without glibc."""
     with contextlib.suppress(OSError, AttributeError):

@@ -217,7 +217,7 @@ class KerasAdam(KerasOptimizer):
         vs = [state["v"] for state in states]
         if self.fused_on_cpu and t.device.type == "cpu" and not torch.compiler.is_compiling():
             # PyTorch's fused CPU Adam: one vectorised pass instead of nine over all the weights
-            # (BENCHMARKS.md, "CPU levers"). Its epsilon is added after the bias correction, so
+            # (BENCHMARKS.md, "CPU kind 2"). Its epsilon is added after the bias correction, so
             # Keras's, added before it, is scaled to match: eps / sqrt(1 - beta_2^t).
             epsilon = group["epsilon"] / math.sqrt(1 - group["beta_2"] ** t.item())
             torch._fused_adam_(params, grads, ms, vs, [], [t] * len(params), lr=lr, beta1=group["beta_1"],
