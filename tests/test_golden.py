@@ -51,7 +51,7 @@ def differences(golden: dict) -> list[str]:
 def skip_unless_recorded_here(golden: dict) -> None:
     different = differences(golden)
     if different or torch.cuda.is_available():
-        pytest.skip("golden numbers were recorded with " + ", ".join(different or ["no CUDA"]))
+        pytest.skip(reason="golden numbers were recorded with " + ", ".join(different or ["no CUDA"]))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_default_recipe_trains_to_its_golden_numbers_bit_for_bit(precision, trai
             golden = {"made_with": COMMAND, **HERE}  # recorded on another machine: start again here
         golden.setdefault("runs", {})[precision] = trained[precision]
         GOLDEN_PATH.write_text(json.dumps(golden, indent=1) + "\n")
-        pytest.skip(f"wrote {GOLDEN_PATH.name}'s {precision} numbers")
+        pytest.skip(reason=f"wrote {GOLDEN_PATH.name}'s {precision} numbers")
     golden = json.loads(GOLDEN_PATH.read_text())
     skip_unless_recorded_here(golden)
     for model in MODELS:
