@@ -507,6 +507,21 @@ def measure_step_by_step(
 # The report
 
 
+def _run_cells(r: Equality) -> str:
+    """The leading cells both tables share: model, data, steps, batch and the worst loss difference."""
+    c = r.keras
+    return f"| {r.model} | {r.data} | {r.steps} | {r.batch_size} | {c.max_loss_difference:.1e} ({c.worst_step}) "
+
+
+def _variable_cells(c: Comparison) -> str:
+    """The worst variable and the worst BatchNormalization moving statistic against Keras, as two cells."""
+    worst, moving = c.worst_variable, c.worst_moving_statistic
+    return (
+        f"| {worst.relative_l2:.1e} ({worst.layer}/{worst.variable}) "
+        f"| {f'{moving.relative_l2:.1e} ({moving.layer}/{moving.variable})' if moving else '(no BN)'} "
+    )
+
+
 def step_by_step_table(results: list[Equality]) -> str:
     """One row per model of `measure_step_by_step`: every step's loss and the final weights against Keras."""
     rows = [
@@ -515,14 +530,7 @@ def step_by_step_table(results: list[Equality]) -> str:
         "| --- | --- | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in results:
-        c = r.keras
-        worst, moving = c.worst_variable, c.worst_moving_statistic
-        rows.append(
-            f"| {r.model} | {r.data} | {r.steps} | {r.batch_size} | {c.max_loss_difference:.1e} ({c.worst_step}) "
-            f"| {worst.relative_l2:.1e} ({worst.layer}/{worst.variable}) "
-            f"| {f'{moving.relative_l2:.1e} ({moving.layer}/{moving.variable})' if moving else '(no BN)'} "
-            f"| {'yes' if not r.failures else 'no'} |"
-        )
+        rows.append(_run_cells(r) + _variable_cells(r.keras) + f"| {'yes' if not r.failures else 'no'} |")
     return "\n".join(rows)
 
 
@@ -537,8 +545,6 @@ def markdown_table(results: list[Equality]) -> str:
         "| --- | --- | ---: | ---: | --- | ---: | --- | --- | --- | ---: | ---: |",
     ]
     for r in results:
-        c = r.keras
-        worst, moving = c.worst_variable, c.worst_moving_statistic
         layout = "(not measured)"
         if r.layout is not None:
             w = r.layout.worst_variable
@@ -547,10 +553,10 @@ def markdown_table(results: list[Equality]) -> str:
                 f"{w.relative_l2:.1e} ({w.layer}/{w.variable})"
             )
         rows.append(
-            f"| {r.model} | {r.data} | {r.steps} | {r.batch_size} | {c.max_loss_difference:.1e} ({c.worst_step}) "
-            f"| {c.first_failing_step or 'none'} | {worst.relative_l2:.1e} ({worst.layer}/{worst.variable}) "
-            f"| {f'{moving.relative_l2:.1e} ({moving.layer}/{moving.variable})' if moving else '(no BN)'} "
-            f"| {layout} | {r.keras_seconds:.1f} | {r.cnnlab_seconds:.1f} |"
+            _run_cells(r)
+            + f"| {r.keras.first_failing_step or 'none'} "
+            + _variable_cells(r.keras)
+            + f"| {layout} | {r.keras_seconds:.1f} | {r.cnnlab_seconds:.1f} |"
         )
     return "\n".join(rows)
 
