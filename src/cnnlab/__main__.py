@@ -1,0 +1,7 @@
+"""`python -m cnnlab ...`: the same command line as `cnnlab ...`."""
+
+import sys
+
+from cnnlab.cli import main
+
+sys.exit(main())
