@@ -235,7 +235,8 @@ def main() -> None:
         "epochs": args.epochs,
         "defaults": (
             f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
-            f"{'compiled' if resolved.compiled else 'not compiled'}, cnnlab's dropout masks"
+            f"{'compiled' if resolved.compiled else 'not compiled'}"
+            f"{', one CUDA graph per step' if resolved.cuda_graph else ''}, cnnlab's dropout masks"
         ),
     }
     runs: list[dict] = []

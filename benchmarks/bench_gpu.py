@@ -8,8 +8,9 @@ BENCHMARKS.md. Usage (data: a folder with fashion-mnist/ IDX files):
     python benchmarks/bench_gpu.py --data-dir DATA --device cpu --epochs 1 --baseline-steps 2 \
         --limit-train 512 --limit-test 500        # a smoke test of the script, on the CPU
 
-cnnlab: its network (`engine.new_model`) and its training step (`engine.build_train_step`, where
-`--compile` may name a torch.compile mode to try instead of cnnlab's own settings), trained by
+cnnlab: its network (`engine.new_model`) and its training step (`engine.build_train_step`, with
+`--compile` auto (cnnlab's default: one CUDA graph of eager kernels), on (torch.compile too), off,
+or a torch.compile mode to try instead of cnnlab's own settings), trained by
 `engine.train` itself (with `compile_mode=` for the mode comparison). The peer: peers/torch_peer.py, timed per step.
 `--cudnn-benchmark` turns on cuDNN's autotuning for the whole process (cnnlab leaves it off).
 

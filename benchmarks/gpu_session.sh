@@ -1,30 +1,72 @@
 #!/usr/bin/env bash
-# Everything the GPU targets need, in one unattended run on a lent GPU machine: the whole seed
-# comparison against the eager PyTorch peer (bench_gpu.py, without and with cuDNN autotuning, which
-# bench_gpu.py switches on for its own process), then the accuracy evidence for the GPU's defaults
-# (bf16, compiled, CUDA graphs) against fp32 training (bench_accuracy.py). DATA must hold
-# fashion-mnist/ and mnist/; results go to OUT. Not yet run as a whole: its scripts have each run
-# before cnnlab 0.2 (bench_gpu.py on an H200, bench_accuracy.py on the CPU); since their port to
-# 0.2's API (engine.build_train_step, peers/torch_peer.py) they have run on the CPU only.
+# Everything the GPU goals need, in one unattended run on a lent GPU machine, within 10 minutes
+# (each step gets what is left of a 570 s budget, capped; a step cut off keeps what it wrote):
+#  1. command to table, cold then warm: `cnnlab compare` (3 models x 12 epochs of Fashion-MNIST,
+#     validation every epoch) timed from start to exit, first on the fresh machine, then again
+#     (with the caches a second run finds: PyTorch's compiled kernels with --compile on, the page cache);
+#  2. seeds in one pass: explore/explore_batched_seeds_gpu.py, N seeds' steps on N CUDA streams
+#     against cnnlab's one-seed step, and the comparison's 3 models' steps on 3 streams against
+#     one after another (the grouped and vmap arms, measured slower on 2026-11-27, are left out);
+#  3. correctness of the CUDA-graph steps (gpu_checks.py: schedules and augmentation inside the graph,
+#     the graph's losses against eager's);
+#  4. the seed comparison against the eager PyTorch peer (bench_gpu.py);
+#  5. the accuracy evidence for the GPU's defaults (bf16, one CUDA graph per step) against fp32 training
+#     (bench_accuracy.py, paired TOST, margin 0.15 pp, seeds added to unresolved models).
+# DATA must hold fashion-mnist/ and mnist/. OUT receives at most 8 files (what the device tool
+# returns): session.log and one JSON per step. With CUDNN_BENCH=1, bench_gpu.py also runs with
+# cuDNN's autotuning (needs more than the 10 minutes with everything else).
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
-set -euo pipefail
-data=${1:?usage: gpu_session.sh DATA OUT}
-out=${2:?usage: gpu_session.sh DATA OUT}
+set -uo pipefail
+data=$(realpath "${1:?usage: gpu_session.sh DATA OUT}")
+out=$(realpath -m "${2:?usage: gpu_session.sh DATA OUT}")
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# Correctness first (seconds): the learning rate and augmentation really change inside the CUDA graph.
-python3 benchmarks/gpu_checks.py --data-dir "$data" 2>&1 | tee "$out/gpu_checks.log" || true
-python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
-# The same with cuDNN's autotuning, to decide whether cnnlab should turn it on by default.
-python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" --cudnn-benchmark \
-    2>&1 | tee "$out/bench_gpu_cudnn_benchmark.log"
-# Goal 4's paired equivalence test (margin 0.15 pp), seeds added to unresolved models; cut off after
-# 5 minutes so the script ends within 10: every finished run is already in the JSON, and the entry
-# is written from it.
-timeout 300 python3 benchmarks/bench_accuracy.py --data-dir "$data" --json "$out/accuracy_gpu_mnist.json" \
-    --seeds 5 --max-seeds 12 --epochs 4 > /dev/null 2> "$out/accuracy_gpu.log" || true
-python3 benchmarks/bench_accuracy.py --from-json "$out/accuracy_gpu_mnist.json" > "$out/accuracy_gpu.md" || true
-cat "$out/accuracy_gpu.md"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log="$out/session.log"
+budget=${GPU_SESSION_SECONDS:-570}
+# step CAP CMD...: run CMD with at most CAP seconds, and never past the budget.
+step() {
+    local cap=$1 left=$((budget - SECONDS))
+    shift
+    ((left < cap)) && cap=$left
+    if ((cap < 10)); then
+        echo "== skipped (budget spent): $*" | tee -a "$log"
+        return 0
+    fi
+    echo "== [$SECONDS s] (max ${cap} s) $*" | tee -a "$log"
+    timeout "$cap" "$@" 2>&1 | tee -a "$log"
+    echo "== [$SECONDS s] exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+# One command line typed by a user, timed from start to exit.
+timed_compare() {
+    local label=$1 started
+    started=$(date +%s.%N)
+    step 120 python3 -m cnnlab compare --dataset fashion-mnist --data-dir "$data" --runs-dir "/tmp/runs-$label"
+    python3 -c "import sys; print(f'== command to table, $label: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
+        "$started" "$(date +%s.%N)" | tee -a "$log"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
+  python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } 2>&1 | tee -a "$log"
+if compgen -G ".whl/*.whl" > /dev/null; then  # packages the machine lacks (tomli-w), carried as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tee -a "$log"
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+timed_compare cold
+timed_compare warm
+step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --seeds 5 --arms one streams \
+    --out "$out/batched_seeds_gpu.json"
+step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --together convnet3 convnet5 convnet7 \
+    --out "$out/models_together_gpu.json"
+step 75 python3 benchmarks/gpu_checks.py --data-dir "$data"
+step 90 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json"
+if [[ ${CUDNN_BENCH:-0} == 1 ]]; then
+    step 150 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" \
+        --cudnn-benchmark
+fi
+# Every finished run is already in the JSON when the step is cut off; the entry is written from it.
+step 400 python3 benchmarks/bench_accuracy.py --data-dir "$data" --json "$out/accuracy_gpu_mnist.json" \
+    --seeds 5 --max-seeds 12 --epochs 4
+budget=$((budget + 25)) step 25 python3 benchmarks/bench_accuracy.py --from-json "$out/accuracy_gpu_mnist.json"
+echo "== done in $SECONDS s" | tee -a "$log"
