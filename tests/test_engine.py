@@ -154,6 +154,19 @@ def test_auto_choices_on_this_machine():
     assert resolve_hardware(HardwareRequest(compile="on", device="cpu")).compiled is True
 
 
+def test_cuda_resolution_graphs_by_default_and_compiles_only_when_asked(monkeypatch):
+    # What --compile resolves to on a CUDA machine (faked: CI has no GPU): auto captures the eager
+    # step as one CUDA graph without torch.compile; on adds torch.compile; off is plain eager.
+    import cnnlab.hardware as hardware_module
+
+    monkeypatch.setattr(hardware_module, "resolve_device", lambda requested: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    resolved = {c: resolve_hardware(HardwareRequest(compile=c)) for c in ("auto", "on", "off")}
+    assert [(h.compiled, h.cuda_graph) for h in resolved.values()] == [(False, True), (True, True), (False, False)]
+    assert {h.precision for h in resolved.values()} == {"bf16"} and resolved["auto"].device == "cuda"
+
+
 def test_bf16_autocast_trains_and_differs_from_fp32(tiny_images):
     bf16 = fit(*tiny_images, epochs=3, hardware=dataclasses.replace(CPU, precision="bf16"))
     fp32 = fit(*tiny_images, epochs=3)

@@ -133,14 +133,15 @@ PrecisionOpt = Annotated[
         "--precision",
         help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16's accuracy "
         "against fp32 is unverified: within 0.15 pp, convnet3 is not worse and convnet5 unresolved on a CPU; "
-        "convnet7 and GPUs untested (BENCHMARKS.md).",
+        "on a GPU all three are unresolved, convnet7 behind by 0.7-2.5 pp; fp32 for numbers to publish "
+        "(BENCHMARKS.md).",
     ),
 ]
 CompileOpt = Annotated[
     str,
     typer.Option(
         "--compile",
-        help="auto (on CUDA: torch.compile and the training step as one CUDA graph; off on the CPU), on or off.",
+        help="auto (on CUDA: the training step as one CUDA graph, not compiled; on the CPU: off), on (torch.compile too; pays in long runs) or off.",
     ),
 ]
 LimitTrainOpt = Annotated[int | None, typer.Option("--limit-train", help="Use only the first N training images.")]
@@ -316,7 +317,8 @@ def _execute_and_show(prepared, image_format: str, execution: dict[str, object])
     hardware, data = prepared.hardware, prepared.data
     console.print(
         f"Run folder: {prepared.folder}\nDevice: {hardware.device_name} ({hardware.device}), "
-        f"precision {hardware.precision}, compile {'on' if hardware.compiled else 'off'}, "
+        f"precision {hardware.precision}, compile {'on' if hardware.compiled else 'off'}"
+        f"{', one CUDA graph per step' if hardware.cuda_graph else ''}, "
         f"{hardware.threads} threads; {len(data.train_images):,} training / {len(data.test_images):,} "
         f"test images of {prepared.plan.data.dataset}",
         highlight=False,

@@ -56,7 +56,10 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         precision = "bf16" if fast_bf16 else "fp32"
     else:
         precision = request.precision
-    compiled = request.compile == "on" or (request.compile == "auto" and on_cuda)
+    # auto compiles nowhere: on CUDA the step's eager kernels are captured as one CUDA graph, since
+    # compiling first costs more than it saves in runs of notebook length (BENCHMARKS.md, "GPU
+    # round two": 17-20 s per model on a fresh machine against 2-3 s saved over 12 epochs).
+    compiled = request.compile == "on"
     name = torch.cuda.get_device_name(device) if on_cuda else cpu_name()
     return Hardware(
         str(device),
@@ -65,7 +68,7 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         compiled,
         channels_last=True,
         threads=request.threads or torch.get_num_threads(),
-        cuda_graph=compiled and on_cuda,
+        cuda_graph=on_cuda and request.compile != "off",
     )
 
 
