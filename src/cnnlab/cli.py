@@ -141,7 +141,8 @@ CompileOpt = Annotated[
     str,
     typer.Option(
         "--compile",
-        help="auto (on CUDA: the training step as one CUDA graph, not compiled; on the CPU: off), on (torch.compile too; pays in long runs) or off.",
+        help="auto (on CUDA: the training step as one CUDA graph, not compiled; on the CPU: off), "
+        "on (torch.compile too; pays in long runs) or off.",
     ),
 ]
 LimitTrainOpt = Annotated[int | None, typer.Option("--limit-train", help="Use only the first N training images.")]

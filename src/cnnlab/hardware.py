@@ -58,7 +58,7 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         precision = request.precision
     # auto compiles nowhere: on CUDA the step's eager kernels are captured as one CUDA graph, since
     # compiling first costs more than it saves in runs of notebook length (BENCHMARKS.md, "GPU
-    # round two": 17-20 s per model on a fresh machine against 2-3 s saved over 12 epochs).
+    # round two": 17-20 s per model on a fresh machine against 1.9-3.3 s saved over 12 epochs).
     compiled = request.compile == "on"
     name = torch.cuda.get_device_name(device) if on_cuda else cpu_name()
     return Hardware(
