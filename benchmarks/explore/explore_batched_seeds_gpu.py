@@ -3,7 +3,7 @@
 GitHub issue "Speed, round two", goal 1 (aim: 5 seeds for at most 2x one seed's time on a GPU).
 `explore_batched_seeds.py` answered it for the CPU (no); this times the same batched arms on CUDA,
 where these small models are bound by kernel launches rather than arithmetic, against cnnlab's own
-one-seed step with its GPU defaults (bf16, torch.compile, the whole step as one CUDA graph).
+one-seed step with its GPU defaults (bf16, the whole step as one CUDA graph of eager kernels).
 
 Arms, each one training step (forward, loss, backward, KerasAdam) on random uint8 images:
 - `one`: cnnlab's `build_train_step` for one seed with `resolve_hardware`'s CUDA defaults (eager
@@ -22,7 +22,9 @@ one after another against the same on one stream each: the seed comparison's uni
 
 Timing: after warm-up (and capture), `--rounds` interleaved rounds of `--steps` steps per arm,
 synchronised at both ends; the median ms per step. An arm that fails records its error and the
-rest go on. Results go to `--out` (JSON) after each model.
+rest go on. Results go to `--out` (JSON) after each model. (The first run, 2026-11-27 13:17 UTC,
+results/h200_compiled_batched_seeds_gpu.json, came before `--compile auto` stopped compiling: its
+`one` is today's `one_compiled` and its `one_graph` today's `one`.)
 
     python benchmarks/explore/explore_batched_seeds_gpu.py --out results.json [--models ...] [--seeds 5 10]
     python benchmarks/explore/explore_batched_seeds_gpu.py --device cpu --rounds 1 --steps 1   # smoke test
