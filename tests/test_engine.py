@@ -229,3 +229,44 @@ def test_one_real_training_step_changes_every_parameter(name, tiny_images):
     assert unchanged == []
     assert len(list(model.parameters())) == len([k for k in before if k.endswith(("weight", "bias"))])
     assert float(step.totals[0]) > 0 and 0 <= float(step.totals[1]) <= 16
+
+
+def test_units_trained_together_equal_units_trained_alone(tiny_images):
+    # Taking turns step by step (what train_together does on one device) must not mix the units'
+    # random streams: dropout, shuffles, augmentation, the plateau schedule and early stopping
+    # each give, bit for bit, the history and weights of the unit trained alone.
+    from cnnlab.options import parse_option
+
+    data = device_data(*tiny_images)
+    base = Recipe(epochs=3, batch_size=32, learning_rate=3e-3)
+    recipes = [
+        base,
+        dataclasses.replace(base, augmentation=parse_option("translate=0.1,rotate=0.05", "augmentation")),
+        dataclasses.replace(base, epochs=4, schedule=parse_option("plateau:factor=0.5,patience=0,min_delta=10", "schedule"),
+                            early_stopping=parse_option("patience=0,min_delta=10", "early_stopping")),
+        dataclasses.replace(base, batch_size=48),  # a partial last batch, and a different number of steps
+    ]  # fmt: skip
+    jobs = [engine.TrainJob(SMALL, recipe, seed, data.splits(seed)) for seed, recipe in enumerate(recipes)]
+    together = engine.train_together(jobs, CPU)
+    alone = [train(SMALL, job.recipe, job.seed, job.splits, CPU) for job in jobs]
+    for a, b in zip(together, alone):
+        assert history_numbers(a.history) == history_numbers(b.history)
+        assert [r.learning_rate for r in a.history] == [r.learning_rate for r in b.history]
+        assert a.stopped_epoch == b.stopped_epoch and a.test.accuracy == b.test.accuracy
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert together[2].stopped_epoch is not None  # early stopping did stop that unit
+    assert len({len(r.history) for r in together}) > 1
+    # The caller's random state is untouched, as by train().
+    before = torch.get_rng_state()
+    engine.train_together(jobs[:1], CPU)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_failing_unit_trained_together_fails_alone(tiny_images):
+    data = device_data(*tiny_images)
+    good = engine.TrainJob(SMALL, Recipe(epochs=2, batch_size=32, learning_rate=3e-3), 0, data.splits(0))
+    diverging = engine.TrainJob(SMALL, Recipe(epochs=2, batch_size=32, learning_rate=1e30), 1, data.splits(1))
+    outcomes = engine.train_together([diverging, good], CPU)
+    assert isinstance(outcomes[0], FloatingPointError) and "diverged" in str(outcomes[0])
+    alone = train(SMALL, good.recipe, 0, good.splits, CPU)
+    assert history_numbers(outcomes[1].history) == history_numbers(alone.history)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -473,6 +473,19 @@ def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in weights.items()}
 
 
+@dataclass
+class TrainJob:
+    """One unit's arguments to `train`, for `train_together`."""
+
+    spec: ModelSpec
+    recipe: Recipe
+    seed: int
+    splits: Splits
+    reporter: Reporter | None = None
+    checkpoint: Checkpoint | None = None
+    initial_weights: dict[str, torch.Tensor] | None = None
+
+
 def train(
     spec: ModelSpec,
     recipe: Recipe,
@@ -494,70 +507,141 @@ def train(
     validated and tested. `build(spec, seed, hardware)` makes the network instead of `new_model` and
     `compile_mode` is torch.compile's mode when compiled: benchmarks compare reference networks and
     modes with them."""
+    job = TrainJob(spec, recipe, seed, splits, reporter, checkpoint, initial_weights)
+    with _forked_rng(torch.device(hardware.device)):
+        return _run_to_end(_training(job, hardware, build, compile_mode))
+
+
+def _run_to_end(training: Generator[None, None, TrainResult]) -> TrainResult:
+    while True:
+        try:
+            next(training)
+        except StopIteration as finished:
+            return finished.value
+
+
+def _training(
+    job: TrainJob,
+    hardware: Hardware,
+    build: Callable[[ModelSpec, int, Hardware], torch.nn.Module] | None = None,
+    compile_mode: str = "default",
+) -> Generator[None, None, TrainResult]:
+    """`train`'s body, pausing after every training step (`train_together` takes turns between units);
+    its caller forks the random state."""
+    spec, recipe, seed, splits, checkpoint = job.spec, job.recipe, job.seed, job.splits, job.checkpoint
     device = torch.device(hardware.device)
-    reporter = reporter or SilentReporter()
-    with _forked_rng(device):
-        torch.manual_seed(seed)  # dropout and augmentation draw from PyTorch's generator, forked for the unit
-        numerics = recipe.keras_numerics  # Keras 3's or Keras 2.2.4's: the model, its loss and its optimizer
-        model = build(spec, seed, hardware) if build else new_model(spec, seed, hardware, numerics=numerics)
-        if initial_weights is not None:  # drawn first all the same, so the seed's random streams are unchanged
-            load_weights(model, {k: v.to(device) for k, v in initial_weights.items()})
-        optimizer = make_optimizer(model.parameters(), recipe)  # made after the move to the device
-        shuffle = torch.Generator().manual_seed(seed + 1)
-        epoch_end = EpochEnd(recipe)
-        state = checkpoint.load() if checkpoint is not None else None
-        history = _restore(state, model, optimizer, shuffle, epoch_end, device) if state else []
-        step = build_train_step(
-            model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size, compile_mode,
-            recipe.augmentation, numerics,
+    reporter = job.reporter or SilentReporter()
+    initial_weights = job.initial_weights
+    torch.manual_seed(seed)  # dropout and augmentation draw from PyTorch's generator, forked for the unit
+    numerics = recipe.keras_numerics  # Keras 3's or Keras 2.2.4's: the model, its loss and its optimizer
+    model = build(spec, seed, hardware) if build else new_model(spec, seed, hardware, numerics=numerics)
+    if initial_weights is not None:  # drawn first all the same, so the seed's random streams are unchanged
+        load_weights(model, {k: v.to(device) for k, v in initial_weights.items()})
+    optimizer = make_optimizer(model.parameters(), recipe)  # made after the move to the device
+    shuffle = torch.Generator().manual_seed(seed + 1)
+    epoch_end = EpochEnd(recipe)
+    state = checkpoint.load() if checkpoint is not None else None
+    history = _restore(state, model, optimizer, shuffle, epoch_end, device) if state else []
+    step = build_train_step(
+        model, optimizer, hardware, splits.train_images, splits.train_labels, recipe.batch_size, compile_mode,
+        recipe.augmentation, numerics,
+    )  # fmt: skip
+    validation: Evaluation | None = None
+    for epoch in range(len(history) + 1, recipe.epochs + 1):
+        if epoch_end.stopped:
+            break
+        train_seconds = yield from _train_epoch(step, model, shuffle, recipe, epoch, reporter, optimizer)
+        started = time.perf_counter()
+        validation = evaluate(model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics)
+        loss_sum, correct = step.totals.tolist()
+        n_train = len(splits.train_images)
+        record = EpochRecord(
+            epoch, loss_sum / n_train, correct / n_train, validation.loss, validation.accuracy, train_seconds,
+            time.perf_counter() - started, n_train / train_seconds, learning_rate(optimizer),
         )  # fmt: skip
-        validation: Evaluation | None = None
-        for epoch in range(len(history) + 1, recipe.epochs + 1):
-            if epoch_end.stopped:
-                break
-            train_seconds = _train_epoch(step, model, shuffle, recipe, epoch, reporter, optimizer)
-            started = time.perf_counter()
-            validation = evaluate(
-                model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics
-            )
-            loss_sum, correct = step.totals.tolist()
-            n_train = len(splits.train_images)
-            record = EpochRecord(
-                epoch, loss_sum / n_train, correct / n_train, validation.loss, validation.accuracy, train_seconds,
-                time.perf_counter() - started, n_train / train_seconds, learning_rate(optimizer),
-            )  # fmt: skip
-            history.append(record)
-            reporter.end_epoch(record)
-            if not math.isfinite(record.loss):  # a failed unit, recorded as such; the run goes on
-                raise FloatingPointError(f"training diverged: the loss is {record.loss} in epoch {epoch}")
-            epoch_end(epoch, record, model, optimizer)
-            if checkpoint is not None:
-                checkpoint.save(_state(model, optimizer, history, shuffle, epoch_end, device))
-        result = TrainResult(history, validation, model)  # the test evaluation is set below
-        if recipe.epochs == 0:
-            validation = evaluate(
-                model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics
-            )
-            result.untrained_validation = validation
-        if epoch_end.stopper is not None:
-            if epoch_end.stopped:
-                result.stopped_epoch, result.stop_reason = len(history), epoch_end.stopper.reason()
-                reporter.note(f"early stopping after epoch {len(history)}: {result.stop_reason}")
-            restored = epoch_end.stopper.restore()
-            # Keras 3 restores the best weights at the end of training; Keras 2.2.4's EarlyStopping
-            # (keras/callbacks.py) only when it stops training early.
-            if restored is not None and (numerics == 3 or epoch_end.stopped):
-                model.load_state_dict(restored)
-                result.restored_epoch, validation = epoch_end.stopper.best_epoch + 1, None
-        if epoch_end.best is not None and epoch_end.best.best_epoch is not None:
-            result.best_epoch, result.best_weights = epoch_end.best.best_epoch + 1, epoch_end.best_weights
-        if splits.val_is_test and validation is not None:
-            result.test = validation  # validated on the test split: its last validation is the test score
-        else:
-            result.test = evaluate(
-                model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size, numerics
-            )
+        history.append(record)
+        reporter.end_epoch(record)
+        if not math.isfinite(record.loss):  # a failed unit, recorded as such; the run goes on
+            raise FloatingPointError(f"training diverged: the loss is {record.loss} in epoch {epoch}")
+        epoch_end(epoch, record, model, optimizer)
+        if checkpoint is not None:
+            checkpoint.save(_state(model, optimizer, history, shuffle, epoch_end, device))
+    result = TrainResult(history, validation, model)  # the test evaluation is set below
+    if recipe.epochs == 0:
+        validation = evaluate(model, splits.val_images, splits.val_labels, hardware, recipe.eval_batch_size, numerics)
+        result.untrained_validation = validation
+    if epoch_end.stopper is not None:
+        if epoch_end.stopped:
+            result.stopped_epoch, result.stop_reason = len(history), epoch_end.stopper.reason()
+            reporter.note(f"early stopping after epoch {len(history)}: {result.stop_reason}")
+        restored = epoch_end.stopper.restore()
+        # Keras 3 restores the best weights at the end of training; Keras 2.2.4's EarlyStopping
+        # (keras/callbacks.py) only when it stops training early.
+        if restored is not None and (numerics == 3 or epoch_end.stopped):
+            model.load_state_dict(restored)
+            result.restored_epoch, validation = epoch_end.stopper.best_epoch + 1, None
+    if epoch_end.best is not None and epoch_end.best.best_epoch is not None:
+        result.best_epoch, result.best_weights = epoch_end.best.best_epoch + 1, epoch_end.best_weights
+    if splits.val_is_test and validation is not None:
+        result.test = validation  # validated on the test split: its last validation is the test score
+    else:
+        result.test = evaluate(
+            model, splits.test_images, splits.test_labels, hardware, recipe.eval_batch_size, numerics
+        )
     return result
+
+
+class _Turn:
+    """A job in progress in `train_together`: its paused training, its random state, its CUDA stream."""
+
+    def __init__(self, job: TrainJob, hardware: Hardware, device: torch.device) -> None:
+        self.training = _training(job, hardware)
+        self.device, self.outcome = device, None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the data was made on the default stream
+        self.random_state = _random_state(device)
+
+    def take(self) -> bool:
+        """One step of this job with its own random state, on its own stream; False once it has ended."""
+        _set_random_state(self.device, self.random_state)
+        try:
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                next(self.training)
+        except StopIteration as finished:
+            self.outcome = finished.value
+        except Exception as exc:  # noqa: BLE001 - this job's failure; the others go on
+            self.outcome = exc
+        self.random_state = _random_state(self.device)
+        return self.outcome is None
+
+
+def train_together(jobs: Sequence[TrainJob], hardware: Hardware) -> list[TrainResult | Exception]:
+    """Train several units at once, taking turns step by step; on CUDA each on its own stream, so
+    that the GPU overlaps their small kernels (BENCHMARKS.md, "GPU round two", goal 1).
+
+    Each job keeps its own random streams (the global generators are switched at every turn), so
+    its result is the one `train` gives it alone. A job that raises is returned as its exception
+    while the others go on; Ctrl-C stops them all."""
+    device = torch.device(hardware.device)
+    with _forked_rng(device):
+        turns = [_Turn(job, hardware, device) for job in jobs]
+        running = list(turns)
+        while running:
+            running = [turn for turn in running if turn.take()]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the results were made on the jobs' streams
+    return [turn.outcome for turn in turns]
+
+
+def _random_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_random_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _train_epoch(
@@ -568,8 +652,9 @@ def _train_epoch(
     epoch: int,
     reporter: Reporter,
     optimizer: torch.optim.Optimizer,
-) -> float:
-    """One pass over the shuffled training images; returns its seconds (the device synchronised).
+) -> Generator[None, None, float]:
+    """One pass over the shuffled training images, pausing after each step; returns its seconds
+    (the device's current stream synchronised).
 
     A step-wise schedule sets each step's learning rate from the number of steps before it, as
     Keras evaluates its schedule at the optimizer's iteration count."""
@@ -592,8 +677,9 @@ def _train_epoch(
             loss_sum, correct = step.totals.tolist()
             reporter.update(i + 1, seen, loss_sum / seen, correct / seen)
             last_report = now
+        yield
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # this unit's stream: others may still be running
     return time.perf_counter() - started
 
 
