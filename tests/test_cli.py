@@ -281,6 +281,33 @@ def test_train_evaluate_report_on_generated_data(tmp_path):
     assert (run_dir / "comparison.md").is_file()
 
 
+def test_units_at_once_trains_the_same_units_and_is_recorded(tmp_path):
+    """`--units-at-once 2`: two seeds trained together, taking turns, as a user types it: each unit's
+    history and test accuracy are those of the one-at-a-time run, and the run folder records the
+    choice (a resume keeps it)."""
+    data = tmp_path / "data"
+    write_dataset_folder(data / "mnist", learnable_arrays(256, 64))
+    spec = tmp_path / "small.toml"
+    spec.write_text(SMALL_SPEC)
+    histories = {}
+    for at_once in ("1", "2"):
+        runs = tmp_path / f"runs-{at_once}"
+        result = run_cnnlab("compare", str(spec), "--seeds", "2", "--epochs", "2", "--data-dir", str(data),
+                            "--units-at-once", at_once, "--runs-dir", str(runs), "--format", "svg", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (run_dir,) = runs.iterdir()
+        assert tomllib.loads((run_dir / "config.toml").read_text())["hardware"]["units_at_once"] == int(at_once)
+        histories[at_once] = [json.loads((run_dir / f"small/seed-{s}/history.json").read_text()) for s in (0, 1)]
+        histories[at_once] = [[{k: v for k, v in r.items() if "seconds" not in k and k != "samples_per_second"}
+                               for r in h] for h in histories[at_once]]  # fmt: skip
+    assert histories["1"] == histories["2"] and histories["1"][0] != histories["1"][1]
+    with pytest.warns(UserWarning, match="canonical checksums"):  # generated IDX files, as above
+        assert api.prepare_resume(run_dir, data_dir=data).hardware.units_at_once == 2
+    refused = run_cnnlab("compare", str(spec), "--units-at-once", "0", "--data-dir", str(data), cwd=tmp_path)
+    assert refused.returncode != 0 and "--units-at-once must be an integer >= 1, got 0" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_convert_keras_json_to_toml(tmp_path, capsys):
     source = Path(__file__).parent / "fixtures" / "keras" / "seed_convnet7_keras3.json"
     target = tmp_path / "convnet7.toml"

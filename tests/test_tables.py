@@ -76,3 +76,14 @@ def test_plain_progress_prints_one_keras_style_line_per_epoch():
         "convnet7 seed 1 epoch 2/12 - 32.0s - loss: 0.3123 - accuracy: 0.9100 - "
         "val_loss: 0.2000 - val_accuracy: 0.9500 - 2,000 samples/s\n"
     )
+
+
+def test_units_trained_together_report_plain_lines_even_in_a_terminal():
+    # Units trained together (--units-at-once) get one plain line per epoch, not live bars out of step.
+    from rich.console import Console
+
+    from cnnlab.progress import RichReporter, make_reporter
+
+    terminal = Console(force_terminal=True, file=io.StringIO())
+    assert isinstance(make_reporter("convnet7", terminal), RichReporter)
+    assert isinstance(make_reporter("convnet7", terminal, live=False), PlainReporter)

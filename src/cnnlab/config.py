@@ -286,10 +286,13 @@ class HardwareRequest:
     precision: str = "auto"  # auto | fp32 | bf16
     compile: str = "auto"  # auto | on | off
     threads: int | None = None  # CPU threads per unit (--cpus-per-unit); None: PyTorch's default
+    units_at_once: int | None = None  # units trained together on the device (--units-at-once); None: auto
 
     def __post_init__(self) -> None:
         if self.threads is not None and not _positive_int(self.threads):
             raise ConfigError(f"--cpus-per-unit must be an integer >= 1, got {self.threads!r}")
+        if self.units_at_once is not None and not _positive_int(self.units_at_once):
+            raise ConfigError(f"--units-at-once must be an integer >= 1, got {self.units_at_once!r}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"--device must be {DEVICES_HELP}, got '{self.device}'")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -309,6 +312,7 @@ class Hardware:
     channels_last: bool
     threads: int
     cuda_graph: bool = False  # each full-batch training step captured as one CUDA graph
+    units_at_once: int = 1  # the local backend trains this many units together, taking turns step by step
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Hardware:

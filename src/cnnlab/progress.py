@@ -81,6 +81,8 @@ class RichReporter:
         self.console.print(f"{self.label}: {text}", highlight=False, markup=False)
 
 
-def make_reporter(label: str, console: Console) -> PlainReporter | RichReporter:
-    """Rich bars in a terminal, plain lines when output is piped (CI logs stay readable)."""
-    return RichReporter(label, console) if console.is_terminal else PlainReporter(label, console.file)
+def make_reporter(label: str, console: Console, live: bool = True) -> PlainReporter | RichReporter:
+    """Rich bars in a terminal, plain lines when output is piped (CI logs stay readable) or when
+    `live` is False: units trained together would each keep a live bar going at once, starting and
+    stopping out of step, while their epoch lines stay readable."""
+    return RichReporter(label, console) if console.is_terminal and live else PlainReporter(label, console.file)

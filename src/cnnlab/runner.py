@@ -18,7 +18,7 @@ import torch
 from cnnlab.augment import augmented_examples
 from cnnlab.config import Hardware, RunPlan, Unit
 from cnnlab.datasets import Dataset
-from cnnlab.engine import CheckpointMismatch, DeviceData, Reporter, TrainResult, train
+from cnnlab.engine import CheckpointMismatch, DeviceData, Reporter, TrainJob, TrainResult, train, train_together
 from cnnlab.errors import CnnlabError, ConfigError, RunError
 from cnnlab.hardware import keep_freed_memory_for_reuse
 from cnnlab.models import summarize
@@ -79,39 +79,91 @@ def train_unit(
 
     A failure at run time (out of memory, a diverging loss) is recorded as the unit's state and
     returned; Ctrl-C marks the unit interrupted and propagates; a damaged file is a RunError."""
-    status = folder.status(unit)
-    folder.set_status(unit, UnitStatus("running", status.epochs_done))
+    return train_units_together(folder, [unit], data, hardware, lambda _: reporter)[0]
+
+
+def train_units_together(
+    folder: RunFolder,
+    units: list[Unit],
+    data: DeviceData,
+    hardware: Hardware,
+    make_reporter: Callable[[Unit], Reporter | None] | None = None,
+) -> list[UnitOutcome]:
+    """Train `units` into the run folder: one alone with `engine.train`, several with
+    `engine.train_together` (taking turns step by step, each unit's result the same as alone).
+    Each unit's end is recorded as `train_unit` records it."""
     device = torch.device(hardware.device)
-    checkpoint = folder.checkpoint(unit, device)
-    initial_weights = folder.initial_weights(unit.arm)  # --init-from: every seed starts from them
+    before = [folder.status(unit) for unit in units]
+    jobs = []
+    for unit, status in zip(units, before):
+        folder.set_status(unit, UnitStatus("running", status.epochs_done))
+        # --init-from: every seed of the arm starts from its initial weights
+        jobs.append(TrainJob(unit.arm.spec, unit.arm.recipe, unit.seed, data.splits(unit.seed),
+                             reporter=make_reporter(unit) if make_reporter else None,
+                             checkpoint=folder.checkpoint(unit, device),
+                             initial_weights=folder.initial_weights(unit.arm)))  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(hardware.threads)  # the thread count is part of a CPU result's bits
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     try:
-        result = train(unit.arm.spec, unit.arm.recipe, unit.seed, data.splits(unit.seed), hardware,
-                       reporter=reporter, checkpoint=checkpoint, initial_weights=initial_weights)  # fmt: skip
-    except CheckpointMismatch as exc:
-        folder.set_status(unit, status)
-        raise RunError(
-            f"{checkpoint.path} does not fit {unit.label} ({first_line(exc)}); delete it to train "
-            "this unit from its start, then resume again"
-        ) from None
-    except CnnlabError:
-        folder.set_status(unit, status)  # a damaged file: the unit stays as it was
-        raise
+        if len(jobs) == 1:
+            job = jobs[0]
+            try:
+                outcomes: list[TrainResult | Exception] = [
+                    train(
+                        job.spec,
+                        job.recipe,
+                        job.seed,
+                        job.splits,
+                        hardware,
+                        reporter=job.reporter,
+                        checkpoint=job.checkpoint,
+                        initial_weights=job.initial_weights,
+                    )  # fmt: skip
+                ]
+            except Exception as exc:  # noqa: BLE001 - sorted out below, as train_together's outcomes are
+                outcomes = [exc]
+        else:
+            outcomes = train_together(jobs, hardware)
     except KeyboardInterrupt:
-        folder.set_status(unit, UnitStatus("interrupted", folder.status(unit).epochs_done))
+        for unit in units:
+            folder.set_status(unit, UnitStatus("interrupted", folder.status(unit).epochs_done))
         raise
-    except (RuntimeError, FloatingPointError, MemoryError) as exc:  # out of memory, divergence, at run time
-        message = f"{type(exc).__name__}: {first_line(exc)}"
-        folder.set_status(unit, UnitStatus("failed", folder.status(unit).epochs_done, message))
-        return UnitOutcome(unit, "failed", message)
     finally:
         torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    saved = _save(folder, unit, result, data, hardware)
+    return [_recorded(folder, unit, status, job, outcome, data, hardware)
+            for unit, status, job, outcome in zip(units, before, jobs, outcomes)]  # fmt: skip
+
+
+def _recorded(
+    folder: RunFolder,
+    unit: Unit,
+    before: UnitStatus,
+    job: TrainJob,
+    outcome: TrainResult | Exception,
+    data: DeviceData,
+    hardware: Hardware,
+) -> UnitOutcome:
+    """A unit's training outcome written to the run folder: its results, or its failure recorded."""
+    if isinstance(outcome, CheckpointMismatch):
+        folder.set_status(unit, before)
+        raise RunError(
+            f"{job.checkpoint.path} does not fit {unit.label} ({first_line(outcome)}); delete it to train "
+            "this unit from its start, then resume again"
+        ) from None
+    if isinstance(outcome, CnnlabError):
+        folder.set_status(unit, before)  # a damaged file: the unit stays as it was
+        raise outcome
+    if isinstance(outcome, (RuntimeError, FloatingPointError, MemoryError)):  # out of memory, divergence
+        message = f"{type(outcome).__name__}: {first_line(outcome)}"
+        folder.set_status(unit, UnitStatus("failed", folder.status(unit).epochs_done, message))
+        return UnitOutcome(unit, "failed", message)
+    if isinstance(outcome, Exception):
+        raise outcome  # a bug, not the unit's failure
+    saved = _save(folder, unit, outcome, data, hardware)
     return UnitOutcome(unit, "finished", metrics=saved.metrics)
 
 
@@ -123,11 +175,14 @@ def run_units(
     make_reporter: Callable[[Unit], Reporter] | None = None,
     on_outcome: Callable[[UnitOutcome], None] | None = None,
 ) -> RunOutcome:
-    """Train every unit of the plan that is not finished, one after another in this process."""
-    for unit in pending_units(folder, plan):
-        outcome = train_unit(folder, unit, data, hardware, make_reporter(unit) if make_reporter else None)
-        if on_outcome is not None:
-            on_outcome(outcome)
+    """Train every unit of the plan that is not finished, in this process: `hardware.units_at_once`
+    at a time (one after another by default), in plan order."""
+    pending = pending_units(folder, plan)
+    size = hardware.units_at_once
+    for group in (pending[i : i + size] for i in range(0, len(pending), size)):
+        for outcome in train_units_together(folder, group, data, hardware, make_reporter):
+            if on_outcome is not None:
+                on_outcome(outcome)
     return outcome_of(folder, plan)
 
 

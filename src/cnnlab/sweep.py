@@ -19,6 +19,7 @@ combination is an arm), the seeds, the data and the hardware:
 
     [hardware]                          # HardwareRequest's keys
     device = "auto"
+    units_at_once = 1                   # units trained together by the local backend
 
 This module is pure data: it reads the file and expands the grid; `api.plan_sweep` resolves it.
 """
