@@ -4,6 +4,8 @@
 #  1. command to table, cold then warm: `cnnlab compare` (3 models x 12 epochs of Fashion-MNIST,
 #     validation every epoch) timed from start to exit, first on the fresh machine, then again
 #     (with the caches a second run finds: PyTorch's compiled kernels with --compile on, the page cache);
+#     The same with the units trained together on CUDA streams (`--units-at-once`): the comparison's
+#     three models, and 5 seeds of convnet7 against 5 seeds one after another;
 #  2. seeds in one pass: explore/explore_batched_seeds_gpu.py, N seeds' steps on N CUDA streams
 #     against cnnlab's one-seed step, and the comparison's 3 models' steps on 3 streams against
 #     one after another (the grouped and vmap arms, measured slower on 2026-11-27, are left out);
@@ -38,11 +40,12 @@ step() {
     timeout "$cap" "$@" 2>&1 | tee -a "$log"
     echo "== [$SECONDS s] exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
-# One command line typed by a user, timed from start to exit.
-timed_compare() {
+# One command line typed by a user (cnnlab COMMAND ARGS on Fashion-MNIST), timed from start to exit.
+timed() {
     local label=$1 started
+    shift
     started=$(date +%s.%N)
-    step 120 python3 -m cnnlab compare --dataset fashion-mnist --data-dir "$data" --runs-dir "/tmp/runs-$label"
+    step 120 python3 -m cnnlab "$@" --dataset fashion-mnist --data-dir "$data" --runs-dir "/tmp/runs-$label"
     python3 -c "import sys; print(f'== command to table, $label: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
         "$started" "$(date +%s.%N)" | tee -a "$log"
 }
@@ -53,8 +56,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # packages the machine lacks (toml
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tee -a "$log"
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-timed_compare cold
-timed_compare warm
+timed cold compare
+timed warm compare
+# Units trained together on CUDA streams (--units-at-once): the comparison's 3 models, and 5 seeds.
+timed together compare --units-at-once 3
+timed seeds-one-at-a-time train convnet7 --seeds 5
+timed seeds-together train convnet7 --seeds 5 --units-at-once 5
 step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --seeds 5 --arms one streams \
     --out "$out/batched_seeds_gpu.json"
 step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --together convnet3 convnet5 convnet7 \
