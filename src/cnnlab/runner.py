@@ -107,21 +107,9 @@ def train_units_together(
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     try:
-        if len(jobs) == 1:
-            job = jobs[0]
+        if len(jobs) == 1:  # alone: engine.train on the default stream, the path measured on GPUs
             try:
-                outcomes: list[TrainResult | Exception] = [
-                    train(
-                        job.spec,
-                        job.recipe,
-                        job.seed,
-                        job.splits,
-                        hardware,
-                        reporter=job.reporter,
-                        checkpoint=job.checkpoint,
-                        initial_weights=job.initial_weights,
-                    )  # fmt: skip
-                ]
+                outcomes: list[TrainResult | Exception] = [train(hardware=hardware, **vars(jobs[0]))]
             except Exception as exc:  # noqa: BLE001 - sorted out below, as train_together's outcomes are
                 outcomes = [exc]
         else:
