@@ -193,6 +193,12 @@ def main() -> None:
         "(a sequential design: the verdict's alpha is then nominal)",
     )
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="the defaults' precision: fp32 keeps every other default, to tell bf16's effect from the rest's",
+    )
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here (after every run)")
@@ -217,7 +223,7 @@ def main() -> None:
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=Path.home() / ".cache" / "cnnlab")
     recipe = Recipe(epochs=args.epochs)
     selection = DataSelection(args.dataset, str(args.data_dir), args.limit_train, args.limit_test)
-    resolved = resolve_hardware(HardwareRequest())
+    resolved = resolve_hardware(HardwareRequest(precision=args.precision))
     if resolved.device == "cpu":
         keep_freed_memory_for_reuse()  # as cnnlab's runner does before training on the CPU
     meta = {
