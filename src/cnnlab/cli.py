@@ -133,7 +133,7 @@ PrecisionOpt = Annotated[
         "--precision",
         help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16's accuracy "
         "against fp32 is unverified: within 0.15 pp, convnet3 is not worse and convnet5 unresolved on a CPU; "
-        "on a GPU all three are unresolved, convnet7 behind by 0.7-2.5 pp; fp32 for numbers to publish "
+        "convnet7 is likely worse (CPU -0.83 pp, GPU 0.7-2.5 pp behind); fp32 for numbers to publish "
         "(BENCHMARKS.md).",
     ),
 ]
