@@ -266,6 +266,10 @@ def test_resume_into_an_unwritable_folder_fails_before_training(tmp_path, data_d
         (["--format", "jpg"], "--format must be png or svg"),
         (["--precision", "fp8"], "--precision must be auto, fp32 or bf16"),
         (["--limit-test", "0"], "--limit-test must be an integer >= 1"),
+        (["--units-at-once", "0"], "--units-at-once must be an integer >= 1, got 0"),
+        (["--gpus-per-unit", "1"], "--ray-address and --gpus-per-unit need --backend ray"),
+        (["--backend", "ray", "--units-at-once", "2"], "--units-at-once is the local backend's"),
+        (["--backend", "slurm"], "--backend must be local or ray"),
     ],
 )
 def test_bad_options_are_refused_before_a_run_folder_exists(args, message, tmp_path, data_dir, cnnlab):

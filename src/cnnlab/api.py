@@ -225,6 +225,18 @@ class Tracker(Protocol):
     def finish(self, summary: ReportSummary) -> None: ...
 
 
+def check_backend(
+    backend: str, hardware: Hardware, ray_address: str | None = None, gpus_per_unit: float | None = None
+) -> None:
+    """The execution options' user errors (a ConfigError each), found before a run folder is made."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got '{backend}'")
+    if backend == "local" and (ray_address is not None or gpus_per_unit is not None):
+        raise ConfigError("--ray-address and --gpus-per-unit need --backend ray")
+    if backend == "ray" and hardware.units_at_once > 1:
+        raise ConfigError("--units-at-once is the local backend's; on Ray, share a GPU with --gpus-per-unit 0.25")
+
+
 def execute(
     prepared: PreparedRun,
     *,
@@ -235,15 +247,11 @@ def execute(
     tracker: Tracker | None = None,
 ) -> RunOutcome:
     """Train every unit of the prepared run that is not finished yet: in this process
-    (`backend="local"`, `hardware.units_at_once` at a time), or in parallel on Ray (`"ray"`: a local instance sized to the machine,
-    or the cluster at `ray_address`), with `hardware.threads` CPU threads and `gpus_per_unit` GPUs each.
+    (`backend="local"`, `hardware.units_at_once` at a time), or in parallel on Ray (`"ray"`: a local
+    instance sized to the machine, or the cluster at `ray_address`), with `hardware.threads` CPU
+    threads and `gpus_per_unit` GPUs each.
     Workers write into the run folder and return their outcome; only this process calls `tracker`."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend must be {' or '.join(BACKENDS)}, got '{backend}'")
-    if backend == "local" and (ray_address is not None or gpus_per_unit is not None):
-        raise ConfigError("--ray-address and --gpus-per-unit need --backend ray")
-    if backend == "ray" and prepared.hardware.units_at_once > 1:
-        raise ConfigError("--units-at-once is the local backend's; on Ray, share a GPU with --gpus-per-unit 0.25")
+    check_backend(backend, prepared.hardware, ray_address, gpus_per_unit)
     if tracker is not None:
         tracker.start(prepared)
     on_outcome = tracker.log_unit if tracker is not None else None

@@ -274,11 +274,14 @@ def _tracker(mlflow: bool):
     return MlflowTracker()
 
 
-def _check_size(plan, yes: bool) -> None:
+def _check_plan(plan, options: dict[str, object]) -> None:
+    """What a plan and its execution options can get wrong, told before a run folder is made."""
+    from cnnlab.api import check_backend
     from cnnlab.errors import ConfigError
 
+    check_backend(options["backend"], plan.hardware, options["ray_address"], options["gpus_per_unit"])
     units = len(plan.units())
-    if units > MAX_UNITS and not yes:
+    if units > MAX_UNITS and not options["yes"]:
         raise ConfigError(f"the plan has {units:,} units ({len(plan.arms):,} arms x {len(plan.seeds)} seeds), more "
                           f"than {MAX_UNITS:,}; check the grid, or add --yes to run them all")  # fmt: skip
 
@@ -308,7 +311,7 @@ def _train(*, models: list[str], name: str, options: dict[str, object]) -> None:
         ),
         init_from=options["init_from"],
     )  # fmt: skip
-    _check_size(plan, options["yes"])
+    _check_plan(plan, options)
     prepared = prepare(plan, runs_dir=options["runs_dir"], name=name, progress=console.is_terminal)
     _execute_and_show(prepared, options["image_format"], _execution(options))
 
@@ -584,7 +587,7 @@ def sweep(
         return
     check_image_format(image_format)
     plan = plan_sweep(sweep_file, data_dir=data_dir, threads=cpus_per_unit)
-    _check_size(plan, yes)
+    _check_plan(plan, options)
     prepared = prepare(plan, runs_dir=runs_dir, name=sweep_file.stem, progress=console.is_terminal)
     _execute_and_show(prepared, image_format, _execution(options))
 

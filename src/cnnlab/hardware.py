@@ -69,7 +69,7 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         channels_last=True,
         threads=request.threads or torch.get_num_threads(),
         cuda_graph=on_cuda and request.compile != "off",
-        # One at a time unless asked: taking turns gains nothing on a CPU, and on a GPU the overlap
+        # One at a time unless asked: taking turns adds no parallelism on a CPU, and on a GPU the overlap
         # was measured for bare steps, not yet for whole runs (BENCHMARKS.md, "GPU round two").
         units_at_once=request.units_at_once or 1,
     )
