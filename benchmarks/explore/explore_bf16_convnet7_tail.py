@@ -7,6 +7,7 @@ of autocast (computed in float32, its input cast up): the dense layers, or the c
 variant closes the gap on the bad seeds, that layer kind carries the tail.
 
     python benchmarks/explore/explore_bf16_convnet7_tail.py --seeds 5 6 0 [--epochs 4] [--data-dir DATA]
+    python benchmarks/explore/explore_bf16_convnet7_tail.py --seeds 0 1 2 3 4 5 6 7 8 9 --variants "bf16, dense in fp32"
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CNNLAB_DATA_DIR", "../shared/data")))
+    parser.add_argument("--variants", nargs="+", default=None, help="variants by name (default: all four)")
     args = parser.parse_args()
     keep_freed_memory_for_reuse()
     hardware = resolve_hardware(HardwareRequest(device="cpu", precision="bf16"))
@@ -74,6 +76,7 @@ def main() -> None:
         "bf16, convolutions in fp32": (hardware, builder(nn.Conv2d)),
         "fp32": (dataclasses.replace(hardware, precision="fp32"), builder(None)),
     }
+    variants = {k: v for k, v in variants.items() if args.variants is None or k in args.variants}
     selection = DataSelection("mnist", str(args.data_dir))
     data = DeviceData(load_dataset("mnist", data_dir=args.data_dir, progress=False), selection, torch.device("cpu"))
     spec = load_spec("convnet7")
