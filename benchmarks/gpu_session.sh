@@ -4,7 +4,7 @@
 #  1. command to table, cold then warm: `cnnlab compare` (3 models x 12 epochs of Fashion-MNIST,
 #     validation every epoch) timed from start to exit, first on the fresh machine, then again
 #     (with the caches a second run finds: PyTorch's compiled kernels with --compile on, the page cache);
-#     The same with the units trained together on CUDA streams (`--units-at-once`): the comparison's
+#     then the same with the units trained together on CUDA streams (`--units-at-once`): the comparison's
 #     three models, and 5 seeds of convnet7 against 5 seeds one after another;
 #  2. seeds in one pass: explore/explore_batched_seeds_gpu.py, N seeds' steps on N CUDA streams
 #     against cnnlab's one-seed step, and the comparison's 3 models' steps on 3 streams against
@@ -19,6 +19,11 @@
 # cuDNN's autotuning (needs more than the 10 minutes with everything else).
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
+#
+# Through the device tool, which sends the repository alone: copy ../shared/data to .gpudata, fetch
+# the wheel the machine's image lacks (`pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --platform manylinux_2_28_x86_64 -d .whl tomli-w==1.2.0`), list both in .git/info/exclude,
+# carry them, and run `GPU_SESSION_SECONDS=540 bash benchmarks/gpu_session.sh .gpudata "$OUT"`.
 set -uo pipefail
 data=$(realpath "${1:?usage: gpu_session.sh DATA OUT}")
 out=$(realpath -m "${2:?usage: gpu_session.sh DATA OUT}")
