@@ -2,7 +2,8 @@
 # Everything the GPU goals need, in one unattended run on a lent GPU machine, within 10 minutes
 # (each step gets what is left of a 570 s budget, capped; a step cut off keeps what it wrote):
 #  1. command to table, cold then warm: `cnnlab compare` (3 models x 12 epochs of Fashion-MNIST,
-#     validation every epoch) timed from start to exit, first on the fresh machine, then again
+#     validation every epoch) timed from start to exit and split into phases (bench_command.py,
+#     all commands in commands.json), first on the fresh machine, then again
 #     (with the caches a second run finds: PyTorch's compiled kernels with --compile on, the page cache);
 #     then the same with the units trained together on CUDA streams (`--units-at-once`): the comparison's
 #     three models, and 5 seeds of convnet7 against 5 seeds one after another;
@@ -45,14 +46,13 @@ step() {
     timeout "$cap" "$@" 2>&1 | tee -a "$log"
     echo "== [$SECONDS s] exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
-# One command line typed by a user (cnnlab COMMAND ARGS on Fashion-MNIST), timed from start to exit.
+# One command line typed by a user (cnnlab COMMAND ARGS on Fashion-MNIST), timed from start to exit
+# in a fresh process, with where its time went (startup, data, training, report): bench_command.py.
 timed() {
-    local label=$1 started
+    local label=$1
     shift
-    started=$(date +%s.%N)
-    step 120 python3 -m cnnlab "$@" --dataset fashion-mnist --data-dir "$data" --runs-dir "/tmp/runs-$label"
-    python3 -c "import sys; print(f'== command to table, $label: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
-        "$started" "$(date +%s.%N)" | tee -a "$log"
+    step 120 python3 benchmarks/bench_command.py --repeats 1 --label "$label" --json "$out/commands.json" -- \
+        "$@" --dataset fashion-mnist --data-dir "$data"
 }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc

@@ -8,6 +8,8 @@ import copy
 import io
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from cnnlab.optim import (
     KerasSGD,
     learning_rate,
     make_optimizer,
+    mark_static_addresses,
     set_learning_rate,
 )
 from cnnlab.schedules import learning_rate_at
@@ -289,18 +292,41 @@ def test_one_learning_rate_for_all_groups():
 
 
 @pytest.mark.parametrize("index", range(5))
-def test_state_is_made_eagerly_at_static_addresses(index):
-    """Every state tensor exists before the first step (Keras's: moments only with momentum)."""
+def test_state_is_made_eagerly_and_marked_static_for_compiling(index):
+    """Every state tensor exists before the first step (Keras's: moments only with momentum);
+    `mark_static_addresses` marks them and the learning rate for torch.compile."""
     opt = all_optimizers(new_params())[index]
     params = [p for group in opt.param_groups for p in group["params"]]
     expected = [{"m", "v"}, {"m", "v"}, {"momentum"}, set(), {"velocity", "momentum"}][index]
     assert set(opt.state) == set(params)
+    tensors = [opt.learning_rate] + [tensor for p in params for tensor in opt.state[p].values()]
     for p in params:
         assert set(opt.state[p]) == {"step"} | expected
-        for tensor in opt.state[p].values():
-            assert tensor.device == p.device
-            assert getattr(tensor, "_dynamo_static_input_type", None) is not None
-    assert getattr(opt.learning_rate, "_dynamo_static_input_type", None) is not None
+        assert all(tensor.device == p.device for tensor in opt.state[p].values())
+    assert all(getattr(tensor, "_dynamo_static_input_type", None) is None for tensor in tensors)
+    mark_static_addresses(opt)
+    assert all(getattr(tensor, "_dynamo_static_input_type", None) == "unguarded" for tensor in tensors)
+
+
+def test_eager_use_does_not_import_dynamo():
+    """Making, stepping, zeroing, saving and loading an optimizer leave torch._dynamo unimported
+    (importing it costs about a second of every command's start-up). In a fresh interpreter."""
+    script = """
+import sys, torch
+from cnnlab.optim import KerasAdam, KerasSGD
+for make in (KerasAdam, lambda p: KerasSGD(p, momentum=0.9)):
+    w = torch.zeros(3, requires_grad=True)
+    opt = make([w])
+    w.sum().backward()
+    opt.step()
+    opt.zero_grad()
+    again = make([torch.zeros(3, requires_grad=True)])
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["state"][0]["step"] == 1
+print("torch._dynamo" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_state_dict_round_trip_continues_identically():

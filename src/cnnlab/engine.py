@@ -30,7 +30,7 @@ from cnnlab.config import DataSelection, Hardware, Recipe
 from cnnlab.datasets import Dataset
 from cnnlab.errors import ConfigError
 from cnnlab.models import SequentialNet, build_model, load_weights
-from cnnlab.optim import learning_rate, make_optimizer, set_learning_rate
+from cnnlab.optim import KerasOptimizer, learning_rate, make_optimizer, mark_static_addresses, set_learning_rate
 from cnnlab.options import Augmentation, ReduceLROnPlateau
 from cnnlab.results import EpochRecord
 from cnnlab.schedules import learning_rate_at
@@ -247,7 +247,7 @@ class TrainStep:
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: KerasOptimizer,
         hardware: Hardware,
         images: torch.Tensor,
         labels: torch.Tensor,
@@ -260,6 +260,7 @@ class TrainStep:
         self.totals = torch.zeros(2, device=images.device)  # [sum of losses, number correct]
         self.forward, self.optimizer_step = model, optimizer.step
         if hardware.compiled:
+            mark_static_addresses(optimizer)
             # Static shapes: the full batch and the epoch's last partial batch get a graph each.
             self.forward = torch.compile(model, mode=compile_mode, dynamic=False)
             if not hardware.cuda_graph:  # inside a CUDA graph the foreach update costs no launches
@@ -303,7 +304,7 @@ class GraphedTrainStep(TrainStep):
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: KerasOptimizer,
         hardware: Hardware,
         images: torch.Tensor,
         labels: torch.Tensor,
@@ -351,7 +352,7 @@ class GraphedTrainStep(TrainStep):
 
 def build_train_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: KerasOptimizer,
     hardware: Hardware,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -651,7 +652,7 @@ def _train_epoch(
     recipe: Recipe,
     epoch: int,
     reporter: Reporter,
-    optimizer: torch.optim.Optimizer,
+    optimizer: KerasOptimizer,
 ) -> Generator[None, None, float]:
     """One pass over the shuffled training images, pausing after each step; returns its seconds
     (the device's current stream synchronised).
@@ -691,7 +692,7 @@ def _forked_rng(device: torch.device):
 
 def _state(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: KerasOptimizer,
     history: list[EpochRecord],
     shuffle: torch.Generator,
     epoch_end: EpochEnd,
@@ -716,7 +717,7 @@ class CheckpointMismatch(ValueError):
 def _restore(
     state: dict[str, Any],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: KerasOptimizer,
     shuffle: torch.Generator,
     epoch_end: EpochEnd,
     device: torch.device,

@@ -26,9 +26,13 @@ Shared by all of them:
   `set_learning_rate` changes it in place (no host sync), so a compiled step or a captured CUDA
   graph sees the new value on its next replay. Keras keeps it in a float32 variable; float64
   kept cnnlab 0.1's Adam arithmetic (a Python float learning rate) bit for bit.
-- The state (step count, moments) is made eagerly, on the parameters' device, and marked as
-  static addresses: a compiled step updates it in place and CUDA graphs can replay the update
-  (as torch.optim does when compiled). `load_state_dict` copies into those same tensors.
+- The state (step count, moments) is made eagerly, on the parameters' device, at fixed
+  addresses: a compiled step updates it in place and CUDA graphs can replay the update (as
+  torch.optim does when compiled; `mark_static_addresses` tells torch.compile so).
+  `load_state_dict` copies into those same tensors.
+- Nothing here imports `torch._dynamo` (about a second of start-up, BENCHMARKS.md "From command
+  to table on the CPU"): torch.optim.Optimizer's own methods are called without their
+  don't-compile wrapper, since cnnlab calls them outside compiled code only.
 """
 
 from __future__ import annotations
@@ -51,8 +55,28 @@ __all__ = [
     "KerasSGD",
     "learning_rate",
     "make_optimizer",
+    "mark_static_addresses",
     "set_learning_rate",
 ]
+
+
+def _unwrapped(method: Any) -> Any:
+    """torch.optim.Optimizer's own `method` without its don't-compile wrapper, whose first call
+    imports torch._dynamo; for calls made outside compiled code."""
+    return getattr(method, "__wrapped__", method)
+
+
+def mark_static_addresses(optimizer: KerasOptimizer) -> None:
+    """Tell torch.compile that the learning rate and the state keep their addresses from step to
+    step (they are made eagerly and updated in place), so that a compiled step with CUDA graphs
+    reads them where they are instead of copying them in. For compiled steps only: it imports
+    torch._dynamo."""
+    import torch._dynamo
+
+    torch._dynamo.mark_static_address(optimizer.learning_rate)
+    for state in optimizer.state.values():
+        for tensor in state.values():
+            torch._dynamo.mark_static_address(tensor)
 
 
 class KerasOptimizer(torch.optim.Optimizer):
@@ -75,12 +99,11 @@ class KerasOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102 - torch.optim.Optimizer's
         if "lr" in param_group:
             raise ValueError("Keras's optimizers have one learning rate: give it to the optimizer, not to a group")
-        super().add_param_group(param_group)
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
         group = self.param_groups[-1]
         if self.learning_rate is None:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             self.learning_rate = torch.tensor(float(self.defaults["lr"]), dtype=torch.float64, device=device)
-            torch._dynamo.mark_static_address(self.learning_rate)
         group["lr"] = self.learning_rate
         for p in group["params"]:
             self._init_state(p)
@@ -97,8 +120,9 @@ class KerasOptimizer(torch.optim.Optimizer):
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for name in self.MOMENTS:
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for tensor in state.values():
-            torch._dynamo.mark_static_address(tensor)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - torch.optim.Optimizer's
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
@@ -135,14 +159,13 @@ class KerasOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch.optim.Optimizer's
-        state = super().state_dict()
+        state = _unwrapped(torch.optim.Optimizer.state_dict)(self)
         # The learning rate as a number (one host sync): a checkpoint holds no device tensor of
         # the optimizer's own, and a later `set_learning_rate` does not change a saved dict.
         lr = learning_rate(self)
         state["param_groups"] = [{**group, "lr": lr} for group in state["param_groups"]]
         return state
 
-    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict()` (this optimizer's or cnnlab 0.1's KerasAdam's): the hyperparameters
         and learning rate it holds, and its state copied into this optimizer's own tensors, whose

@@ -153,25 +153,26 @@ def mistakes_figure(
     path: Path,
     columns: int = 8,
 ) -> Path:
-    """A grid of misclassified test images (uint8, (N, H, W) or (N, H, W, C)), labelled true / predicted."""
-    count = len(images)
+    """A grid of misclassified test images (uint8, (N, H, W) or (N, H, W, C)), labelled true / predicted.
+
+    The grid is one image with the labels written under its tiles, not an axes per image: a
+    third of the time to draw (BENCHMARKS.md "From command to table on the CPU")."""
+    count, height, width = images.shape[:3]
     rows = max(1, -(-count // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.75 * rows + 0.4), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= count:
-            continue
-        image = images[i]
-        ax.imshow(image, cmap="gray_r" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(
-            f"true {classes[true_labels[i]]}\npred {classes[predicted[i]]}\n{confidences[i]:.1%}",
-            fontsize=7.5,
-            y=-0.02,
-            va="top",
-            linespacing=1.15,
-        )
+    gap, band = max(2, width // 7), round(height * 0.8)  # between tiles; under each tile, for its label
+    # White background: 0 under gray_r (dark strokes on light, as the images are shown), 255 in colour.
+    canvas = np.full((rows * (height + band), columns * (width + gap), *images.shape[3:]),
+                     0 if images.ndim == 3 else 255, dtype=np.uint8)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(1.3 * columns, 1.75 * rows + 0.4))
+    for i in range(count):
+        top, left = (i // columns) * (height + band), (i % columns) * (width + gap)
+        canvas[top : top + height, left : left + width] = images[i]
+        ax.text(left + width / 2, top + height + 0.5, f"true {classes[true_labels[i]]}\npred "
+                f"{classes[predicted[i]]}\n{confidences[i]:.1%}", ha="center", va="top", fontsize=7.5,
+                linespacing=1.15)  # fmt: skip
+    ax.imshow(canvas, cmap="gray_r" if images.ndim == 3 else None, vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(h_pad=2.2)
     return save_figure(fig, path)
 
 

@@ -19,7 +19,10 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 
 import numpy as np
-from scipy import stats as scipy_stats
+
+# Student's t from its special functions (what scipy.stats.t calls), not scipy.stats: the same
+# numbers, and a third of a second less to start every command (BENCHMARKS.md).
+from scipy.special import stdtr, stdtrit
 
 from cnnlab.results import UnitResult
 
@@ -59,7 +62,7 @@ def aggregate(values: Sequence[float], confidence: float = 0.95) -> Aggregate:
     if n < 2:
         return Aggregate(mean, math.nan, math.nan, math.nan, n)  # one value has no spread
     std = float(sample.std(ddof=1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * std / math.sqrt(n)
     return Aggregate(mean, std, mean - half, mean + half, n)
 
 
@@ -195,9 +198,9 @@ def welch(
     if standard_error == 0:  # every seed scores the same: no spread to test a difference against
         return replace(untested, seeds_vary=False)
     df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
-    half = float(scipy_stats.t.ppf(1 - alpha / 2, df)) * standard_error
+    half = float(stdtrit(df, 1 - alpha / 2)) * standard_error
     # Welch's two-sided p from its definition (scipy's ttest_ind warns when one arm has no spread).
-    p_value = float(2 * scipy_stats.t.sf(abs(difference) / standard_error, df))
+    p_value = float(2 * stdtr(df, -abs(difference) / standard_error))
     return Comparison(
         name_a,
         name_b,
@@ -249,9 +252,9 @@ def paired_equivalence(a: Sequence[float], b: Sequence[float], margin: float, al
     if standard_error == 0:  # identical pairs: the difference is known exactly
         inside = abs(mean) < margin
         return Equivalence(mean, mean, mean, 0.0 if inside else 1.0, margin, n, alpha)
-    lower = float(scipy_stats.t.sf((mean + margin) / standard_error, n - 1))  # H0: mean <= -margin
-    upper = float(scipy_stats.t.cdf((mean - margin) / standard_error, n - 1))  # H0: mean >= +margin
-    half = float(scipy_stats.t.ppf(1 - alpha, n - 1)) * standard_error
+    lower = float(stdtr(n - 1, -(mean + margin) / standard_error))  # H0: mean <= -margin
+    upper = float(stdtr(n - 1, (mean - margin) / standard_error))  # H0: mean >= +margin
+    half = float(stdtrit(n - 1, 1 - alpha)) * standard_error
     return Equivalence(mean, mean - half, mean + half, max(lower, upper), margin, n, alpha)
 
 
