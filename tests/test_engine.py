@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from cnnlab.config import DataSelection, Hardware, HardwareRequest, Recipe
 from cnnlab.datasets import Dataset
 from cnnlab.engine import DeviceData, build_train_step, evaluate, new_model, train
 from cnnlab.errors import ConfigError
-from cnnlab.hardware import resolve_device, resolve_hardware
+from cnnlab.hardware import cpu_has_fast_bf16, resolve_device, resolve_hardware
 from cnnlab.optim import KerasAdam
 from cnnlab.spec import parse_spec
 
@@ -152,6 +155,37 @@ def test_auto_choices_on_this_machine():
     assert hardware.channels_last is True  # NHWC everywhere: measured faster on the CPU and the GPU
     assert resolve_hardware(HardwareRequest(precision="fp32")).precision == "fp32"
     assert resolve_hardware(HardwareRequest(compile="on", device="cpu")).compiled is True
+
+
+@pytest.mark.parametrize(
+    ("capability", "onednn_isa", "fast"),
+    [("AVX512", None, True), ("AVX512", "ALL", True), ("AVX512", "avx512_core_bf16", True),
+     ("AVX512", "AVX512_CORE_AMX", True), ("AVX512", "AVX2", False), ("AVX512", "AVX512_CORE_VNNI", False),
+     ("AVX2", None, False)],
+)  # fmt: skip
+def test_bf16_counts_as_fast_only_where_pytorch_and_onednn_may_use_it(monkeypatch, capability, onednn_isa, fast):
+    """A CPU with native bf16 whose PyTorch is kept to AVX2, or whose oneDNN is kept below its bf16
+    instructions, emulates bf16: `--precision auto` must then pick fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    assert cpu_has_fast_bf16() is fast
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cpu_has_fast_bf16() is False
+
+
+def test_pytorch_kept_to_avx2_trains_in_fp32():
+    """The real switch, in a fresh interpreter (on a CPU without native bf16 fp32 is picked anyway)."""
+    script = "from cnnlab.config import HardwareRequest; from cnnlab.hardware import resolve_hardware\n"
+    script += "print(resolve_hardware(HardwareRequest(device='cpu')).precision)"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "fp32"
 
 
 def test_cuda_resolution_graphs_by_default_and_compiles_only_when_asked(monkeypatch):

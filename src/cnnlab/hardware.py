@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 from pathlib import Path
 
@@ -42,9 +43,15 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX) and PyTorch may use it;
+    elsewhere bf16 is emulated and slow. PyTorch kept to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) or
+    oneDNN kept below its bf16 instructions (`ONEDNN_MAX_CPU_ISA`) count as no bf16."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    if not any(getattr(torch.cpu, name, lambda: False)() for name in checks):
+        return False
+    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_has_bf16 = onednn_isa == "ALL" or any(word in onednn_isa for word in ("BF16", "FP16", "AMX", "AVX10"))
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and onednn_has_bf16
 
 
 def resolve_hardware(request: HardwareRequest) -> Hardware:
