@@ -279,6 +279,8 @@ def cpu_description() -> dict:
         "usable_cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Set to emulate a lesser CPU kind (both peers' oneDNN and PyTorch's own kernels obey them).
+        "isa_limits": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "avx512_bf16": "avx512_bf16" in flags,
@@ -698,7 +700,9 @@ def markdown_entry(results: dict) -> str:
         "",
         f"- Machine: {m['model']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, "
         f"torch threads {m['torch_threads']}; AVX2 {yes(m['avx2'])}, AVX-512 {yes(m['avx512'])} "
-        f"(BF16 {yes(m['avx512_bf16'])}), AMX {yes(m['amx'])}; PyTorch CPU capability {m['torch_cpu_capability']}.",
+        f"(BF16 {yes(m['avx512_bf16'])}), AMX {yes(m['amx'])}; PyTorch CPU capability {m['torch_cpu_capability']}"
+        + "".join(f"; {k}={v}" for k, v in m.get("isa_limits", {}).items())
+        + ".",
         f"- Other load on the machine: {results['pressure_start']} at the start; {results['pressure_end']} at the end.",
         f"- Versions: Python {v['python']}, torch {v['torch']}, cnnlab {v['cnnlab']}, "
         f"TensorFlow {v.get('tensorflow', 'n/a')}, Keras {v.get('keras', 'n/a')}.",
