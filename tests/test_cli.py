@@ -126,6 +126,15 @@ def test_every_command_has_help(command, capsys):
     assert "Usage" in out and "--debug" in out
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_labels_bf16_accuracy_unverified(command, capsys):
+    """Until paired equivalence tests resolve, the fast default's accuracy is labelled unverified."""
+    assert main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help's box unwrapped
+    assert "bf16's accuracy against fp32 is unverified" in out
+    assert "fp32 for numbers to publish" in out
+
+
 def test_models_lists_the_zoo(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
