@@ -133,7 +133,7 @@ PrecisionOpt = Annotated[
         "--precision",
         help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16's accuracy "
         "against fp32 is unverified: on a CPU, convnet3 and convnet7 (at 12 epochs) are not worse by more than "
-        "0.15 pp and convnet5 is unresolved (-0.07 pp); on a GPU all three are unresolved after 4 epochs "
+        "0.15 pp and convnet5 is unresolved (-0.07 to -0.10 pp); on a GPU all three are unresolved after 4 epochs "
         "(convnet7 0.7-2.5 pp behind); fp32 for numbers to publish (BENCHMARKS.md).",
     ),
 ]
