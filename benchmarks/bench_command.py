@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -107,16 +106,14 @@ def run_once(src: Path, argv: list[str], runs_dir: Path) -> dict[str, float]:
     return phases
 
 
-def cpu_flags() -> str:
-    """The CPU model and the flags that decide its speed (read from /proc/cpuinfo on Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return f"{model}; {os.cpu_count()} CPUs; " + " ".join(f for f in wanted if f in flags)
+def machine() -> str:
+    """The CPU as bench_cpu.py describes it: model, cores, the extensions that decide its speed."""
+    from bench_cpu import cpu_description  # imports torch: in this parent process only
+
+    m = cpu_description()
+    extensions = " ".join(name for name in ("avx2", "avx512", "avx512_bf16", "amx") if m[name])
+    limits = "".join(f"; {k}={v}" for k, v in m["isa_limits"].items())
+    return f"{m['model']}; {m['usable_cores']} cores; {extensions}; PyTorch CPU capability {m['torch_cpu_capability']}{limits}"
 
 
 def main() -> None:
@@ -141,7 +138,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, src in trees.items():
                 results[name].append(run_once(src, argv, Path(runs_dir)))
-    print(f"cnnlab {' '.join(argv)}  ({cpu_flags()}; medians of {args.repeats})")
+    print(f"cnnlab {' '.join(argv)}  ({machine()}; medians of {args.repeats})")
     print(f"| tree | total s | {' | '.join(PHASES)} | torch._dynamo | scipy.stats |")
     print("|---|---:|" + "---:|" * len(PHASES) + "---|---|")
     medians = {}
@@ -153,7 +150,7 @@ def main() -> None:
     if args.json:
         entries = json.loads(args.json.read_text()) if args.json.exists() else []
         entries.append({"label": args.label, "command": argv, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                        "machine": cpu_flags(), "repeats": args.repeats, "medians": medians, "runs": results})  # fmt: skip
+                        "machine": machine(), "repeats": args.repeats, "medians": medians, "runs": results})  # fmt: skip
         args.json.write_text(json.dumps(entries, indent=1))
 
 
