@@ -22,6 +22,13 @@ than the accuracies do. Results are written to JSON after every run, so an inter
     python benchmarks/bench_accuracy.py --models convnet7 --seeds 2 --epochs 1 --limit-train 2000
     python benchmarks/bench_accuracy.py --json benchmarks/results/accuracy.json --append BENCHMARKS.md
     python benchmarks/bench_accuracy.py --from-json benchmarks/results/accuracy.json   # the entry for saved runs
+
+To tell bf16's effect from the other defaults', run the defaults again in fp32 (`--precision fp32`),
+taking the reference runs from the first JSON instead of training them again (`--reference-from`:
+the reference is deterministic), then pair the two runs' defaults by seed:
+
+    python benchmarks/bench_accuracy.py --precision fp32 --reference-from bf16.json --json fp32.json ...
+    python benchmarks/bench_accuracy.py --from-json bf16.json --against fp32.json
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ from cnnlab.stats import aggregate, paired_equivalence, welch
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["convnet3", "convnet5", "convnet7"]
+REFERENCE = "fp32, NCHW, not compiled, `nn.Dropout` (`bernoulli_`) masks"  # what the reference runs are
+# What must match for two runs of this script to have trained alike (given the precision).
+SAME_RUNS = ("epochs", "data", "machine", "torch", "cnnlab")
 BAR_PP = 0.15  # the issue's bar: mean test accuracy within 0.15 percentage points of fp32 training
 
 
@@ -147,10 +157,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"- Command: `{meta['command']}`",
         f"- Data: {meta['data']}. Recipe: the seed's (Keras initializers and Adam, batch 128), "
         f"{meta['epochs']} epochs; accuracy on the whole test set after the last.",
-        f"- defaults: {meta['defaults']}; reference: fp32, NCHW, not compiled, `nn.Dropout` (`bernoulli_`) "
-        "masks. Same seed, same initial weights and shuffles.",
+        f"- defaults: {meta['defaults']}; reference: {meta.get('reference', REFERENCE)}. Same seed, same "
+        "initial weights and shuffles.",
         "",
-        "| model | seeds | defaults test acc (mean ± std) | reference fp32 test acc | difference | Welch p "
+        "| model | seeds | defaults test acc (mean ± std) | reference test acc | difference | Welch p "
         f"| paired difference, its 90% CI | TOST p (margin {BAR_PP} pp) | verdict |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -207,17 +217,38 @@ def main() -> None:
         "--resume", action="store_true", help="keep the runs already saved in --json and train only the missing ones"
     )
     parser.add_argument(
-        "--from-json",
+        "--reference-from",
         type=Path,
         default=None,
-        help="train nothing: print (and --append) the entry for the runs saved in this JSON",
+        help="take the reference runs from this JSON instead of training them (the same recipe, data, "
+        "machine and versions give the same runs), e.g. to run the defaults again in fp32",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="with --from-json: pair its defaults by seed with the defaults saved in this JSON instead of "
+        "with the reference (bf16 against fp32, every other default kept)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: print (and --append) the entry for the runs saved in this JSON (or in several, "
+        "e.g. one per model trained in parallel processes)",
     )
     args = parser.parse_args()
+    if args.against and not args.from_json:
+        parser.error("--against pairs saved runs: give --from-json too")
     if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        seen = list(dict.fromkeys(r["model"] for r in saved["runs"]))
+        saved = merged([json.loads(path.read_text()) for path in args.from_json])
+        runs, meta = saved["runs"], saved["meta"]
+        if args.against:
+            runs, meta = against(saved, json.loads(args.against.read_text()), args.against)
+        seen = list(dict.fromkeys(r["model"] for r in runs))
         models = [m for m in MODELS if m in seen] + [m for m in seen if m not in MODELS]
-        emit(markdown(summarise(saved["runs"], models), saved["meta"]), args.append)
+        emit(markdown(summarise(runs, models), meta), args.append)
         return
 
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=Path.home() / ".cache" / "cnnlab")
@@ -250,6 +281,8 @@ def main() -> None:
         saved = json.loads(args.json.read_text())
         runs, meta["wall_minutes_before"] = saved["runs"], saved["meta"].get("wall_minutes", 0.0)
         print(f"resuming: {len(runs)} runs already in {args.json}", file=sys.stderr)
+    if args.reference_from:
+        runs += reference_runs(json.loads(args.reference_from.read_text()), meta, args, runs)
     done = {(r["model"], r["seed"], r["config"]) for r in runs}
     data = DeviceData(dataset, selection, torch.device(resolved.device))  # on the device once for all runs
     started = time.perf_counter()
@@ -291,6 +324,61 @@ def main() -> None:
                     tmp.replace(args.json)
         seed += 1
     emit(markdown(summarise(runs, args.models), meta), args.append)
+
+
+def reference_runs(saved: dict, meta: dict, args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    """The reference runs of `saved` (another run's JSON) for this run's models and seeds that `runs`
+    lacks; exits if `saved` was trained otherwise (recipe, data, machine, versions)."""
+    different = [key for key in SAME_RUNS if saved["meta"].get(key) != meta[key]]
+    if different:
+        sys.exit(f"--reference-from {args.reference_from}: its runs differ from this run in {', '.join(different)}")
+    have = {(r["model"], r["seed"], r["config"]) for r in runs}
+    wanted = {m: range(max(args.seeds, args.max_seeds or 0)) for m in args.models}
+    taken = [
+        r
+        for r in saved["runs"]
+        if r["config"] == "reference"
+        and r["seed"] in wanted.get(r["model"], ())
+        and (r["model"], r["seed"], "reference") not in have
+    ]
+    print(f"{len(taken)} reference runs taken from {args.reference_from}", file=sys.stderr)
+    meta["reference_from"] = str(args.reference_from)
+    return taken
+
+
+def merged(saved: list[dict]) -> dict:
+    """Several runs' JSONs as one: their runs together; the first's description, with every command,
+    and the longest wall time (they ran side by side)."""
+    if len(saved) == 1:
+        return saved[0]
+    for key in (*SAME_RUNS, "defaults"):
+        if len({str(s["meta"].get(key)) for s in saved}) > 1:
+            sys.exit(f"--from-json: the files differ in {key}; give files of one recipe, machine and defaults")
+    meta = {
+        **saved[0]["meta"],
+        "command": "` and `".join(s["meta"]["command"] for s in saved),  # markdown() adds the outer backticks
+        "wall_minutes": max(s["meta"].get("wall_minutes", 0.0) for s in saved),
+    }
+    return {"meta": meta, "runs": [run for s in saved for run in s["runs"]]}
+
+
+def against(saved: dict, other: dict, other_path: Path) -> tuple[list[dict], dict]:
+    """`saved`'s defaults as the runs to test and `other`'s defaults as their reference, with the
+    entry's description saying so; exits if the two were trained otherwise (recipe, data, machine)."""
+    different = [key for key in SAME_RUNS if saved["meta"].get(key) != other["meta"].get(key)]
+    if different:
+        sys.exit(f"--against {other_path}: its runs differ from the others in {', '.join(different)}")
+    mine = {(r["model"], r["seed"]): r for r in saved["runs"] if r["config"] == "defaults"}
+    theirs = {(r["model"], r["seed"]): r for r in other["runs"] if r["config"] == "defaults"}
+    both = [key for key in mine if key in theirs]  # the seeds trained in both, so that every figure pairs
+    runs = [mine[key] for key in both] + [{**theirs[key], "config": "reference"} for key in both]
+    meta = {
+        **saved["meta"],
+        # markdown() puts the command in backticks: this gives two commands, each in its own.
+        "command": f"{saved['meta']['command']}` against the defaults of `{other['meta']['command']}",
+        "reference": f"the defaults of {other_path}: {other['meta']['defaults']}",
+    }
+    return runs, meta
 
 
 def emit(entry: str, append: Path | None) -> None:

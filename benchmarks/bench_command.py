@@ -132,6 +132,8 @@ def main() -> None:
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
         parser.error("give the cnnlab command after --")
+    if any(arg == "--runs-dir" or arg.startswith("--runs-dir=") for arg in argv):
+        parser.error("leave out --runs-dir: each repetition's run folders go to a temporary folder")
     trees = {"this tree": SRC} | ({"baseline": args.baseline_src.resolve()} if args.baseline_src else {})
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as runs_dir:

@@ -7,17 +7,19 @@
 #     (with the caches a second run finds: PyTorch's compiled kernels with --compile on, the page cache);
 #     then the same with the units trained together on CUDA streams (`--units-at-once`): the comparison's
 #     three models, and 5 seeds of convnet7 against 5 seeds one after another;
-#  2. seeds in one pass: explore/explore_batched_seeds_gpu.py, N seeds' steps on N CUDA streams
-#     against cnnlab's one-seed step, and the comparison's 3 models' steps on 3 streams against
-#     one after another (the grouped and vmap arms, measured slower on 2026-11-27, are left out);
-#  3. correctness of the CUDA-graph steps (gpu_checks.py: schedules and augmentation inside the graph,
-#     the graph's losses against eager's);
-#  4. the seed comparison against the eager PyTorch peer (bench_gpu.py);
-#  5. the accuracy evidence for the GPU's defaults (bf16, one CUDA graph per step) against fp32 training
-#     (bench_accuracy.py, 12 epochs, paired TOST, margin 0.15 pp, seeds added to unresolved models).
+#  2. correctness of the CUDA-graph steps (gpu_checks.py: schedules and augmentation inside the graph,
+#     the graph's losses against eager's, and where they part);
+#  3. the accuracy evidence for the GPU's defaults (bf16, one CUDA graph per step) against fp32 training
+#     (bench_accuracy.py, 12 epochs, paired TOST, margin 0.15 pp, seeds added to unresolved models),
+#     with all the time left: one process per model, side by side, so that the GPU works for one
+#     while another's Python launches kernels (the fp32 reference runs eagerly, each kernel launched
+#     from Python: eager PyTorch trained 2.2-2.9x slower than the defaults on the H200).
+# With GPU_SESSION_EXTRAS=1, before 3: the bare steps of N seeds and of the 3 models on CUDA streams
+# (explore/explore_batched_seeds_gpu.py) and the seed comparison against the eager PyTorch peer
+# (bench_gpu.py), both measured on 2026-11-27 (BENCHMARKS.md, "GPU round two"); with CUDNN_BENCH=1 as
+# well, bench_gpu.py again with cuDNN's autotuning (more than the 10 minutes with everything else).
 # DATA must hold fashion-mnist/ and mnist/. OUT receives at most 8 files (what the device tool
-# returns): session.log and one JSON per step. With CUDNN_BENCH=1, bench_gpu.py also runs with
-# cuDNN's autotuning (needs more than the 10 minutes with everything else).
+# returns): session.log, commands.json, one accuracy JSON per model, and the extras' JSONs.
 #
 #   bash benchmarks/gpu_session.sh DATA OUT
 #
@@ -67,19 +69,38 @@ timed warm compare
 timed together compare --units-at-once 3
 timed seeds-one-at-a-time train convnet7 --seeds 5
 timed seeds-together train convnet7 --seeds 5 --units-at-once 5
-step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --seeds 5 --arms one streams \
-    --out "$out/batched_seeds_gpu.json"
-step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --together convnet3 convnet5 convnet7 \
-    --out "$out/models_together_gpu.json"
 step 75 python3 benchmarks/gpu_checks.py --data-dir "$data"
-step 90 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json"
-if [[ ${CUDNN_BENCH:-0} == 1 ]]; then
-    step 150 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" \
-        --cudnn-benchmark
+if [[ ${GPU_SESSION_EXTRAS:-0} == 1 ]]; then
+    step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --seeds 5 --arms one streams \
+        --out "$out/batched_seeds_gpu.json"
+    step 60 python3 benchmarks/explore/explore_batched_seeds_gpu.py --together convnet3 convnet5 convnet7 \
+        --out "$out/models_together_gpu.json"
+    step 90 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu.json"
+    if [[ ${CUDNN_BENCH:-0} == 1 ]]; then
+        step 150 python3 benchmarks/bench_gpu.py --data-dir "$data" --out "$out/bench_gpu_cudnn_benchmark.json" \
+            --cudnn-benchmark
+    fi
 fi
-# Every finished run is already in the JSON when the step is cut off; the entry is written from it.
-# At the recipe's 12 epochs: on the CPU, convnet7's bf16 seeds that were behind after 4 epochs caught up.
-step 400 python3 benchmarks/bench_accuracy.py --data-dir "$data" --json "$out/accuracy_gpu_mnist.json" \
-    --seeds 5 --max-seeds 12 --epochs 12
-budget=$((budget + 25)) step 25 python3 benchmarks/bench_accuracy.py --from-json "$out/accuracy_gpu_mnist.json"
+# Accuracy with what is left (25 s kept for the entry): one process per model, side by side; each
+# writes its JSON after every run, so a process cut off keeps its finished seeds. At the recipe's 12
+# epochs: on the CPU, convnet7's bf16 seeds that were behind after 4 epochs caught up.
+models=(convnet3 convnet5 convnet7)
+left=$((budget - SECONDS - 25))
+if ((left < 60)); then
+    echo "== skipped (budget spent): accuracy" | tee -a "$log"
+else
+    echo "== [$SECONDS s] (max $left s) accuracy, one process per model: ${models[*]}" | tee -a "$log"
+    for model in "${models[@]}"; do
+        timeout "$left" python3 benchmarks/bench_accuracy.py --data-dir "$data" --models "$model" \
+            --json "$out/accuracy_gpu_$model.json" --seeds 5 --max-seeds 24 --epochs 12 2>&1 |
+            sed -u "s/^/[$model] /" >> "$log" &
+    done
+    wait
+    echo "== [$SECONDS s] accuracy done" | tee -a "$log"
+fi
+jsons=()
+for model in "${models[@]}"; do [[ -s $out/accuracy_gpu_$model.json ]] && jsons+=("$out/accuracy_gpu_$model.json"); done
+if ((${#jsons[@]})); then
+    budget=$((budget + 25)) step 25 python3 benchmarks/bench_accuracy.py --from-json "${jsons[@]}"
+fi
 echo "== done in $SECONDS s" | tee -a "$log"
