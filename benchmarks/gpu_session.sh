@@ -96,6 +96,7 @@ else
             sed -u "s/^/[$model] /" >> "$log" &
     done
     wait
+    rm -f "$out"/*.tmp  # a JSON being replaced when its process was cut off
     echo "== [$SECONDS s] accuracy done" | tee -a "$log"
 fi
 jsons=()
