@@ -861,11 +861,11 @@ def serve(
     def announce(url: str) -> None:
         console.print(f"Serving {run_dir} at {url} (Ctrl+C to stop)", highlight=False, markup=False, soft_wrap=True)
 
-    try:
-        with _as_run(run_dir, dataset, data_dir) as folder:
-            serve_run(folder, host, port, log_level="info" if debug else "warning", announce=announce)
-    except KeyboardInterrupt:  # Ctrl+C is how a server stops: Uvicorn has shut down cleanly
-        console.print("Stopped.")
+    # Ctrl+C is how a server stops: Uvicorn shuts down cleanly, then re-raises the signal, which
+    # reaches here as KeyboardInterrupt or, rarely (seen once in CI), not at all; stopped either way.
+    with contextlib.suppress(KeyboardInterrupt), _as_run(run_dir, dataset, data_dir) as folder:
+        serve_run(folder, host, port, log_level="info" if debug else "warning", announce=announce)
+    console.print("Stopped.")
 
 
 # ---------------------------------------------------------------------------------------------
