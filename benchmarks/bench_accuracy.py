@@ -326,10 +326,15 @@ def main() -> None:
     emit(markdown(summarise(runs, args.models), meta), args.append)
 
 
+def mismatched(metas: list[dict], keys: tuple[str, ...] = SAME_RUNS) -> list[str]:
+    """The keys whose values differ between these runs' descriptions (their JSONs' `meta`)."""
+    return [key for key in keys if len({str(meta.get(key)) for meta in metas}) > 1]
+
+
 def reference_runs(saved: dict, meta: dict, args: argparse.Namespace, runs: list[dict]) -> list[dict]:
     """The reference runs of `saved` (another run's JSON) for this run's models and seeds that `runs`
     lacks; exits if `saved` was trained otherwise (recipe, data, machine, versions)."""
-    different = [key for key in SAME_RUNS if saved["meta"].get(key) != meta[key]]
+    different = mismatched([saved["meta"], meta])
     if different:
         sys.exit(f"--reference-from {args.reference_from}: its runs differ from this run in {', '.join(different)}")
     have = {(r["model"], r["seed"], r["config"]) for r in runs}
@@ -351,9 +356,11 @@ def merged(saved: list[dict]) -> dict:
     and the longest wall time (they ran side by side)."""
     if len(saved) == 1:
         return saved[0]
-    for key in (*SAME_RUNS, "defaults"):
-        if len({str(s["meta"].get(key)) for s in saved}) > 1:
-            sys.exit(f"--from-json: the files differ in {key}; give files of one recipe, machine and defaults")
+    different = mismatched([s["meta"] for s in saved], (*SAME_RUNS, "defaults"))
+    if different:
+        sys.exit(
+            f"--from-json: the files differ in {', '.join(different)}; give files of one recipe, machine and defaults"
+        )
     meta = {
         **saved[0]["meta"],
         "command": "` and `".join(s["meta"]["command"] for s in saved),  # markdown() adds the outer backticks
@@ -365,7 +372,7 @@ def merged(saved: list[dict]) -> dict:
 def against(saved: dict, other: dict, other_path: Path) -> tuple[list[dict], dict]:
     """`saved`'s defaults as the runs to test and `other`'s defaults as their reference, with the
     entry's description saying so; exits if the two were trained otherwise (recipe, data, machine)."""
-    different = [key for key in SAME_RUNS if saved["meta"].get(key) != other["meta"].get(key)]
+    different = mismatched([saved["meta"], other["meta"]])
     if different:
         sys.exit(f"--against {other_path}: its runs differ from the others in {', '.join(different)}")
     mine = {(r["model"], r["seed"]): r for r in saved["runs"] if r["config"] == "defaults"}
