@@ -268,13 +268,19 @@ def find_keras_python(requested: str | None) -> tuple[str | None, str]:
 def cpu_description() -> dict:
     """CPU model, cores and the vector/matrix extensions that decide the matmul rates."""
     flags: set[str] = set()
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if key.strip() == "flags":
+                flags = set(value.split())
                 break
     return {
         "model": cpu_name(),
+        # Same flags, different cores: the vendor's family and model tell them apart (AMD family 25: Zen 3 and 4, 26: Zen 5).
+        "family_model": f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}",
+        "vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),

@@ -290,7 +290,7 @@ def test_fast_dropout_honours_odd_rates(rate):
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_fast_dropout_drops_the_same_elements_in_either_memory_layout(dtype):
     # channels_last only changes where elements live, never which are dropped: a seed's masks and
     # so its training are the ones cnnlab 0.1 drew, and NCHW and NHWC runs share them.

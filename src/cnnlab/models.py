@@ -180,13 +180,23 @@ class FastDropout(nn.Module):
             return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         noise = words.view(torch.int16)[: x.numel()].view(x.shape)  # the same draws in any memory layout
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            # Elementwise work between tensors of different layouts takes a slow path (10x here).
-            noise = noise.contiguous(memory_format=torch.channels_last)
         # keep = noise >= limit, as 0/1 by clamping: bool masks convert to floats several times slower.
         limit = self.threshold - 32768
-        keep = noise.clamp_(limit - 1, limit).sub_(limit - 1).to(x.dtype).mul_(self.scale)
-        return x * keep
+        keep = noise.clamp_(limit - 1, limit).sub_(limit - 1)
+        # 0/1 times the bit pattern of the survivors' scale in x's dtype is the mask itself, seen as
+        # integers: one copy then puts it in x's dtype and memory layout (elementwise work between
+        # tensors of different layouts takes a slow path, 10x here).
+        bits = torch.ones((), dtype=x.dtype).mul_(self.scale).view(_SAME_SIZE_INT[x.dtype]).item()
+        mask = torch.empty_like(x).view(_SAME_SIZE_INT[x.dtype]).copy_(keep).mul_(bits).view(x.dtype)
+        return x * mask
+
+
+_SAME_SIZE_INT = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 ACTIVATION_MODULES = {
