@@ -157,6 +157,14 @@ class KerasFlatten(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1) if x.dim() == 4 else x.flatten(1)
 
 
+_SAME_SIZE_INT = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
 class FastDropout(nn.Module):
     """Inverted dropout, like `nn.Dropout`, with cheaper masks.
 
@@ -171,6 +179,12 @@ class FastDropout(nn.Module):
         self.rate = rate
         self.threshold = round(rate * 65536)  # drop when a uniform int16 (offset to 0..65535) is below this
         self.scale = 65536 / (65536 - self.threshold)
+        # The survivors' value in each float dtype, as the bits of the same-size integer (CPU masks;
+        # on the CPU explicitly: models may be built under another default device, e.g. meta).
+        self.scale_bits = {
+            dtype: torch.ones((), dtype=dtype, device="cpu").mul_(self.scale).view(integer).item()
+            for dtype, integer in _SAME_SIZE_INT.items()
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
@@ -186,17 +200,9 @@ class FastDropout(nn.Module):
         # 0/1 times the bit pattern of the survivors' scale in x's dtype is the mask itself, seen as
         # integers: one copy then puts it in x's dtype and memory layout (elementwise work between
         # tensors of different layouts takes a slow path, 10x here).
-        bits = torch.ones((), dtype=x.dtype).mul_(self.scale).view(_SAME_SIZE_INT[x.dtype]).item()
-        mask = torch.empty_like(x).view(_SAME_SIZE_INT[x.dtype]).copy_(keep).mul_(bits).view(x.dtype)
+        integer = _SAME_SIZE_INT[x.dtype]
+        mask = torch.empty_like(x).view(integer).copy_(keep).mul_(self.scale_bits[x.dtype]).view(x.dtype)
         return x * mask
-
-
-_SAME_SIZE_INT = {
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 
 
 ACTIVATION_MODULES = {
