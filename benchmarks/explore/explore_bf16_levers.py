@@ -60,7 +60,7 @@ def dropout() -> None:
     def old(x: torch.Tensor) -> torch.Tensor:  # cnnlab 0.1: NCHW noise, a bool mask
         return (noise_for(x) >= limit).to(x.dtype).mul_(scale)
 
-    def new(x: torch.Tensor) -> torch.Tensor:  # today: noise in x's layout, 0/1 by clamping
+    def new(x: torch.Tensor) -> torch.Tensor:  # 2026-11-27 (to 684b50e): noise in x's layout, 0/1 by clamping
         noise = noise_for(x).contiguous(memory_format=torch.channels_last)
         return noise.clamp_(limit - 1, limit).sub_(limit - 1).to(x.dtype).mul_(scale)
 
