@@ -65,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 KERAS_PEER = Path(__file__).resolve().parent / "peers" / "keras_peer.py"
 DEFAULT_KERAS_PYTHON = Path("/work/venv-bench/bin/python")
 PEERS = ("cnnlab", "eager", "keras")
+OPENMP_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_")  # libgomp (PyTorch's wheels) and Intel's OpenMP
 
 
 @dataclass
@@ -287,6 +288,8 @@ def cpu_description() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # Set to emulate a lesser CPU kind (both peers' oneDNN and PyTorch's own kernels obey them).
         "isa_limits": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        # How PyTorch's OpenMP threads wait between parallel regions: part of its step time, not TensorFlow's.
+        "openmp_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(OPENMP_ENV_PREFIXES)},
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "avx512_bf16": "avx512_bf16" in flags,
@@ -476,6 +479,14 @@ def run(settings: Settings, data_dir: Path) -> dict:
             "cnnlab keeps freed memory for reuse before training on the CPU (`hardware.keep_freed_memory_for_reuse`, "
             "glibc's mmap and trim thresholds); it is process-wide, so the eager peer, in the same process, gets it too."
         )
+    if os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
+        note = (
+            "OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep between parallel regions, which slows both "
+            "PyTorch peers (cnnlab's convnet7 step by about a quarter on a quiet machine; BENCHMARKS.md, the OpenMP "
+            "wait policy) and not Keras, whose TensorFlow threads are its own. Unset it to compare peers."
+        )
+        results["notes"].append(note)
+        log(note)
     machine = results["machine"]
     log(f"machine: {machine['model']}, {machine['usable_cores']} cores, {results['pressure_start']}")
     data = device_data(load_dataset("fashion-mnist", data_dir=data_dir, progress=False))
@@ -708,7 +719,7 @@ def markdown_entry(results: dict) -> str:
         f"torch threads {m['torch_threads']}; AVX2 {yes(m['avx2'])}, AVX-512 {yes(m['avx512'])} "
         f"(BF16 {yes(m['avx512_bf16'])}), AMX {yes(m['amx'])}; PyTorch CPU capability {m['torch_cpu_capability']}"
         + "".join(f"; {k}={v}" for k, v in m.get("isa_limits", {}).items())
-        + ".",
+        + f"; OpenMP environment: {', '.join(f'{k}={v}' for k, v in m.get('openmp_env', {}).items()) or 'none set'}.",
         f"- Other load on the machine: {results['pressure_start']} at the start; {results['pressure_end']} at the end.",
         f"- Versions: Python {v['python']}, torch {v['torch']}, cnnlab {v['cnnlab']}, "
         f"TensorFlow {v.get('tensorflow', 'n/a')}, Keras {v.get('keras', 'n/a')}.",
