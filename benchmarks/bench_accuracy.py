@@ -81,7 +81,14 @@ def train_once(model_name: str, seed: int, recipe: Recipe, splits: Splits, defau
     spec = load_spec(model_name)
     started = time.perf_counter()
     if reference:
-        hardware = replace(defaults, precision="fp32", channels_last=False, compiled=False, cuda_graph=False)
+        hardware = replace(
+            defaults,
+            precision="fp32",
+            channels_last=False,
+            compiled=False,
+            cuda_graph=False,
+            small_convs_as_matmul=False,
+        )
         result = train(spec, recipe, seed, splits, hardware, build=reference_model)
     else:
         hardware = defaults

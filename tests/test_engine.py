@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cnnlab import engine
 from cnnlab.catalog import builtin_models, load_spec
@@ -199,6 +200,19 @@ def test_cuda_resolution_graphs_by_default_and_compiles_only_when_asked(monkeypa
     resolved = {c: resolve_hardware(HardwareRequest(compile=c)) for c in ("auto", "on", "off")}
     assert [(h.compiled, h.cuda_graph) for h in resolved.values()] == [(False, True), (True, True), (False, False)]
     assert {h.precision for h in resolved.values()} == {"bf16"} and resolved["auto"].device == "cuda"
+    assert not any(h.small_convs_as_matmul for h in resolved.values())  # a CPU kernel choice only
+
+
+def test_small_convolutions_become_matmuls_in_bf16_on_the_cpu_only():
+    assert resolve_hardware(HardwareRequest(device="cpu", precision="bf16")).small_convs_as_matmul is True
+    assert resolve_hardware(HardwareRequest(device="cpu", precision="fp32")).small_convs_as_matmul is False
+    # A run recorded before the choice existed resumes with the kernels it started with.
+    recorded = dataclasses.asdict(resolve_hardware(HardwareRequest(device="cpu", precision="bf16")))
+    del recorded["small_convs_as_matmul"]
+    assert Hardware.from_dict(recorded).small_convs_as_matmul is False
+    bf16 = dataclasses.replace(CPU, precision="bf16", small_convs_as_matmul=True)
+    kinds = [type(m).__name__ for m in new_model(load_spec("convnet7"), 0, bf16).modules() if isinstance(m, nn.Conv2d)]
+    assert kinds == ["Conv2d"] * 5 + ["MatmulConv2d"] * 2  # the two layers on 3x3-pixel images
 
 
 def test_bf16_autocast_trains_and_differs_from_fp32(tiny_images):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnnlab.catalog import builtin_models, load_spec
-from cnnlab.models import KerasBatchNorm, build_model, keras_init_, summarize
+from cnnlab.models import KerasBatchNorm, MatmulConv2d, build_model, keras_init_, summarize
 from cnnlab.spec import BatchNormalization, parse_spec
 
 # (total, trainable, non-trainable) as Keras's model.summary() prints them in the notebook.
@@ -322,3 +322,58 @@ def test_glorot_bias_uses_keras_fans():
     bias = build_model(spec, seed=0).layers[1].bias
     limit = math.sqrt(6 / (600 + 600))  # Keras: fan_in = fan_out = 600 for a bias
     assert bias.abs().max().item() <= limit and bias.abs().max().item() > 0.95 * limit
+
+
+@pytest.mark.parametrize(
+    ("channels", "filters", "size", "kernel", "stride", "padding", "bias"),
+    [(164, 164, 4, 2, 1, 0, True), (3, 5, 7, (3, 2), 1, 0, True), (4, 6, 8, 2, 2, 0, False),
+     (2, 3, 5, 3, (2, 1), 1, True), (1, 4, 3, 3, 1, 0, True)],
+)  # fmt: skip
+def test_matmul_convolution_equals_the_convolution(channels, filters, size, kernel, stride, padding, bias):
+    """Outputs and every gradient as nn.Conv2d's, in float64 (where only rounding order can differ)."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(channels, filters, kernel, stride=stride, padding=padding, bias=bias).double()
+    matmul = MatmulConv2d(channels, filters, kernel, stride=stride, padding=padding, bias=bias).double()
+    matmul.load_state_dict(reference.state_dict())
+    x = torch.randn(3, channels, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x_ref, x_mm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_mm = reference(x_ref), matmul(x_mm)
+    assert y_mm.shape == y_ref.shape and y_mm.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_mm.backward(grad)
+    torch.testing.assert_close(y_mm, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_mm.grad, x_ref.grad, rtol=0, atol=1e-12)
+    for p_mm, p_ref in zip(matmul.parameters(), reference.parameters()):
+        torch.testing.assert_close(p_mm.grad, p_ref.grad, rtol=0, atol=1e-11)
+
+
+def test_matmul_convolution_rounds_like_the_convolution_in_bf16():
+    """Under bf16 autocast both sum in fp32 and round the result once: they differ by bf16's last bit."""
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(164, 164, 2)
+    matmul = MatmulConv2d(164, 164, 2)
+    matmul.load_state_dict(reference.state_dict())
+    x = torch.randn(16, 164, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_mm = reference(x), matmul(x)
+    assert y_mm.dtype == y_ref.dtype == torch.bfloat16
+    exact = reference.double()(x.bfloat16().double())  # the bf16 inputs' exact result
+    assert (y_mm.double() - exact).abs().max() <= 2 * (y_ref.double() - exact).abs().max()
+    assert (y_mm.double() - exact).abs().max() <= 2**-8 * exact.abs().max()
+
+
+def test_small_convolutions_as_matmuls_keep_the_weights_and_their_names():
+    spec = load_spec("convnet7")
+    plain, fast = build_model(spec, seed=3), build_model(spec, seed=3, small_convs_as_matmul=True)
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values()))
+    assert sum(isinstance(m, MatmulConv2d) for m in fast.modules()) == 2
+    assert not any(isinstance(m, MatmulConv2d) for m in plain.modules())
+    # convnet5's last convolution has 3x3 pixels too, but pads them itself (5x5 'same'): a matrix
+    # product would multiply its padding zeros, which the direct convolution skips.
+    assert not any(
+        isinstance(m, MatmulConv2d) for m in build_model(load_spec("convnet5"), small_convs_as_matmul=True).modules()
+    )
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)

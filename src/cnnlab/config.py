@@ -313,6 +313,9 @@ class Hardware:
     threads: int
     cuda_graph: bool = False  # each full-batch training step captured as one CUDA graph
     units_at_once: int = 1  # the local backend trains this many units together, taking turns step by step
+    # Convolutions with a few output pixels computed as one matrix product (models.MatmulConv2d); False
+    # in runs recorded before it existed, so that they resume with the kernels they started with.
+    small_convs_as_matmul: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Hardware:

@@ -79,6 +79,9 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         # One at a time unless asked: taking turns adds no parallelism on a CPU, and on a GPU the overlap
         # was measured for bare steps, not yet for whole runs (BENCHMARKS.md, "GPU round two").
         units_at_once=request.units_at_once or 1,
+        # Faster in bf16 on the CPU only (fp32 there: 0.96x; BENCHMARKS.md, "Small convolutions as one
+        # matrix product").
+        small_convs_as_matmul=device.type == "cpu" and precision == "bf16",
     )
 
 

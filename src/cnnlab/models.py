@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.spec import (
@@ -205,6 +206,43 @@ class FastDropout(nn.Module):
         return x * mask
 
 
+# A convolution with at most this many output pixels (convnet7's 3x3-image layers) that pads nothing
+# itself runs faster in bf16 on the CPU as one matrix product over its patches than as oneDNN's
+# direct convolution (BENCHMARKS.md, "Small convolutions as one matrix product"); larger ones do not.
+MATMUL_CONV_MAX_PIXELS = 9
+
+
+class MatmulConv2d(nn.Conv2d):
+    """`nn.Conv2d` computed as one matrix product over its input's patches (im2col).
+
+    The same parameters, state-dict keys and arithmetic as `nn.Conv2d` (products summed in fp32
+    under bf16 autocast), in another order of rounding; for layers whose output is a few pixels,
+    where a direct convolution's kernels cannot fill the vector units (BENCHMARKS.md). Groups and
+    dilation stay 1, as for every cnnlab convolution. A channels_last input gives a channels_last
+    output, with no copy but the patches' own.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding != (0, 0):
+            pad_h, pad_w = self.padding
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.stride
+        n, channels, height, width = x.shape
+        out_h, out_w = (height - kernel_h) // stride_h + 1, (width - kernel_w) // stride_w + 1
+        pixels = x.permute(0, 2, 3, 1)  # (n, h, w, c): a view of a channels_last tensor
+        patches = torch.cat(
+            [
+                pixels[:, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
+                for i in range(kernel_h)
+                for j in range(kernel_w)
+            ],
+            dim=-1,
+        ).reshape(n * out_h * out_w, kernel_h * kernel_w * channels)  # each row: a patch, (row, column, channel)
+        weight = self.weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * channels, self.out_channels)
+        out = patches @ weight if self.bias is None else torch.addmm(self.bias, patches, weight)
+        return out.view(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+
+
 ACTIVATION_MODULES = {
     "linear": nn.Identity,
     "relu": nn.ReLU,
@@ -226,24 +264,35 @@ def _with_activation(module: nn.Module, activation: str) -> nn.Module:
 
 
 def _build_layer(
-    layer: LayerSpec, in_shape: tuple[int, ...], generator: torch.Generator | None, numerics: int = 3
+    layer: LayerSpec,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    numerics: int = 3,
+    small_convs_as_matmul: bool = False,
 ) -> nn.Module:
-    """One spec layer as a module with Keras `numerics` (2 or 3); `in_shape` is channels_last without
-    the batch axis."""
+    """One spec layer as a module with Keras `numerics` (2 or 3); `in_shape` and `out_shape` are
+    channels_last without the batch axis."""
     if isinstance(layer, Conv2D):
         height, width, channels = in_shape
-        conv = nn.Conv2d(channels, layer.filters, layer.kernel_size, stride=layer.strides, bias=layer.use_bias)
+        top, bottom, left, right = 0, 0, 0, 0
+        if layer.padding == "same":
+            top, bottom = same_padding(height, layer.kernel_size[0], layer.strides[0])
+            left, right = same_padding(width, layer.kernel_size[1], layer.strides[1])
+        # Padding on both sides alike is the convolution's own, whose direct kernels skip the zeros; a
+        # matrix product would multiply them too, so only layers that pad nothing themselves qualify.
+        pads_itself = (top, left) != (0, 0) and top == bottom and left == right
+        as_matmul = small_convs_as_matmul and not pads_itself and out_shape[0] * out_shape[1] <= MATMUL_CONV_MAX_PIXELS
+        conv_type = MatmulConv2d if as_matmul else nn.Conv2d
+        conv = conv_type(channels, layer.filters, layer.kernel_size, stride=layer.strides, bias=layer.use_bias)
         keras_init_(conv.weight, layer.kernel_initializer, generator, numerics)
         if conv.bias is not None:
             keras_init_(conv.bias, layer.bias_initializer, generator, numerics)
         module: nn.Module = conv
-        if layer.padding == "same":
-            top, bottom = same_padding(height, layer.kernel_size[0], layer.strides[0])
-            left, right = same_padding(width, layer.kernel_size[1], layer.strides[1])
-            if top == bottom and left == right:
-                conv.padding = (top, left)
-            else:
-                module = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
+        if top == bottom and left == right:
+            conv.padding = (top, left)
+        else:
+            module = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
         return _with_activation(module, layer.activation)
     if isinstance(layer, MaxPooling2D):
         strides = layer.strides or layer.pool_size
@@ -274,7 +323,13 @@ def _build_layer(
 class SequentialNet(nn.Module):
     """A spec's network: one submodule per spec layer, input (N, C, H, W) floats, output logits."""
 
-    def __init__(self, spec: ModelSpec, generator: torch.Generator | None = None, numerics: int = 3) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        generator: torch.Generator | None = None,
+        numerics: int = 3,
+        small_convs_as_matmul: bool = False,
+    ) -> None:
         super().__init__()
         self.spec, self.numerics = spec, numerics
         shapes = [tuple(spec.input_shape)] + spec.output_shapes()
@@ -286,7 +341,7 @@ class SequentialNet(nn.Module):
                 continue
             if i == head - 1 and isinstance(layer, Dense) and layer.activation == "softmax":
                 layer = dataclasses.replace(layer, activation="linear")  # logits out; softmax in the loss
-            modules.append(_build_layer(layer, shapes[i], generator, numerics))
+            modules.append(_build_layer(layer, shapes[i], shapes[i + 1], generator, numerics, small_convs_as_matmul))
         self.layers = nn.ModuleList(modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,13 +350,17 @@ class SequentialNet(nn.Module):
         return x
 
 
-def build_model(spec: ModelSpec, seed: int | None = None, numerics: int = 3) -> SequentialNet:
+def build_model(
+    spec: ModelSpec, seed: int | None = None, numerics: int = 3, small_convs_as_matmul: bool = False
+) -> SequentialNet:
     """The spec's network with Keras's initialisation, seeded when `seed` is given; `numerics` 2
-    gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's."""
+    gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's;
+    `small_convs_as_matmul` computes convolutions of at most `MATMUL_CONV_MAX_PIXELS` output pixels
+    as one matrix product (`MatmulConv2d`: the same weights and initialisation)."""
     if numerics not in (2, 3):
         raise ValueError(f"numerics must be 2 (Keras 2.2.4) or 3 (Keras 3), got {numerics!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SequentialNet(spec, generator, numerics)
+    return SequentialNet(spec, generator, numerics, small_convs_as_matmul)
 
 
 STEP_COUNT = "num_batches_tracked"  # a Keras-2-numerics BatchNormalization's step count (KerasBatchNorm)

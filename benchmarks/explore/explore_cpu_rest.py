@@ -1,0 +1,241 @@
+"""What is left of cnnlab's CPU step once the OpenMP threads are left to spin (issue "Speed, round
+two", goal 3; BENCHMARKS.md, "The OpenMP wait policy" and "Small convolutions as one matrix
+product"). 2 threads; medians in milliseconds.
+
+    python explore_cpu_rest.py step [MODELS]       # cnnlab's default step per model (comma-separated):
+                                                   # run it under different OMP_* / GOMP_* settings
+    python explore_cpu_rest.py step_ab [PRECISION [MODELS]]  # the step with small_convs_as_matmul off / on
+    python explore_cpu_rest.py im2col              # convnet7's convolutions as nn.Conv2d and MatmulConv2d, bf16
+    python explore_cpu_rest.py im2col_shapes       # the same on other small images, channels and kernels
+    python explore_cpu_rest.py fp32_layers         # convnet7's convolutions in fp32 against bf16
+    python explore_cpu_rest.py pool_backward       # max-pool backward writing each gradient once (torch.where)
+
+The layer parts time forward + backward of one layer at batch 128 in channels_last, three rounds
+of 15 calls each, the arms alternating between rounds. Measured 2026-11-28 on a Zen 5 EPYC (2
+cores, avx512_bf16), nothing else running, no OpenMP variable set: see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.catalog import load_spec
+from cnnlab.config import HardwareRequest
+from cnnlab.engine import build_train_step, new_model
+from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
+from cnnlab.models import MatmulConv2d
+from cnnlab.optim import KerasAdam
+
+BATCH = 128
+# convnet7's convolutions after the first: name, in channels, out channels, input size, stride.
+CONVNET7_LAYERS = [
+    ("conv2", 16, 32, 28, 2),
+    ("conv3", 32, 64, 14, 1),
+    ("conv4", 64, 96, 14, 1),
+    ("conv5", 96, 128, 7, 1),
+    ("conv6", 128, 164, 3, 1),
+    ("conv7", 164, 164, 3, 1),
+]
+
+
+def median_ms(fn: Callable[[], object], reps: int = 15) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+def rounds(arms: dict[str, Callable[[], object]], n: int = 3) -> str:
+    results: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(n):
+        for name, fn in arms.items():
+            results[name].append(median_ms(fn))
+    return "  ".join(f"{name} {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in results.items())
+
+
+def step(models: list[str]) -> None:
+    """cnnlab's default CPU step, as bench_cpu.py times it, for running under different OpenMP settings."""
+    keep_freed_memory_for_reuse()
+    hardware = resolve_hardware(HardwareRequest(device="cpu"))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (BATCH,), generator=generator)
+    index = torch.arange(BATCH)
+    for name in models:
+        model = new_model(load_spec(name), 0, hardware).train()
+        train_step = build_train_step(model, KerasAdam(model.parameters()), hardware, images, labels, BATCH)
+        print(
+            f"{name} {hardware.precision}: {median_ms(functools.partial(train_step, index), reps=25):.1f} ms/step",
+            flush=True,
+        )
+
+
+def channels_last(shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
+def conv_arm(conv: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, pad: bool, bf16: bool) -> Callable[[], None]:
+    """Forward + backward of `conv`, after convnet7's bottom-right 'same' padding where `pad`."""
+
+    def run() -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            y = conv(F.pad(x, (0, 1, 0, 1)) if pad else x)
+        y.backward(grad)
+
+    return run
+
+
+def im2col() -> None:
+    """convnet7's convolutions (after its first) as nn.Conv2d and as MatmulConv2d, in bf16."""
+    for name, cin, cout, size, stride in CONVNET7_LAYERS:
+        direct = torch.nn.Conv2d(cin, cout, 2, stride=stride)
+        matmul = MatmulConv2d(cin, cout, 2, stride=stride)
+        matmul.load_state_dict(direct.state_dict())
+        x = channels_last((BATCH, cin, size, size), torch.bfloat16, grad=True)
+        grad = channels_last((BATCH, cout, size // stride, size // stride), torch.bfloat16)
+        arms = {
+            conv_name: conv_arm(conv, x, grad, stride == 1, True)
+            for conv_name, conv in (("direct", direct), ("matmul", matmul))
+        }
+        print(name, rounds(arms), flush=True)
+
+
+def im2col_shapes() -> None:
+    """MatmulConv2d against nn.Conv2d on small images beyond convnet7's: where does the matrix product win?"""
+    for channels, size, kernel in [(16, 4, 2), (32, 4, 2), (64, 4, 2), (256, 4, 2), (64, 5, 3), (128, 5, 3),
+                                   (128, 3, 3), (64, 6, 2), (128, 6, 2), (64, 5, 2)]:  # fmt: skip
+        direct = torch.nn.Conv2d(channels, channels, kernel)
+        matmul = MatmulConv2d(channels, channels, kernel)
+        matmul.load_state_dict(direct.state_dict())
+        out = size - kernel + 1
+        x = channels_last((BATCH, channels, size, size), torch.bfloat16, grad=True)
+        grad = channels_last((BATCH, channels, out, out), torch.bfloat16)
+        arms = {
+            conv_name: conv_arm(conv, x, grad, False, True)
+            for conv_name, conv in (("direct", direct), ("matmul", matmul))
+        }
+        print(
+            f"{channels}->{channels} on {size}x{size}, {kernel}x{kernel} kernel, {out}x{out} out",
+            rounds(arms),
+            flush=True,
+        )
+
+
+def step_ab(precision: str, models: list[str]) -> None:
+    """cnnlab's step with `small_convs_as_matmul` off and on (whatever the precision), interleaved."""
+    keep_freed_memory_for_reuse()
+    hardware = resolve_hardware(HardwareRequest(device="cpu", precision=precision))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (BATCH,), generator=generator)
+    index = torch.arange(BATCH)
+    for name in models:
+        steps = {}
+        for arm, as_matmul in (("direct", False), ("matmul", True)):
+            arm_hardware = dataclasses.replace(hardware, small_convs_as_matmul=as_matmul)
+            model = new_model(load_spec(name), 0, arm_hardware).train()
+            steps[arm] = build_train_step(model, KerasAdam(model.parameters()), arm_hardware, images, labels, BATCH)
+        times: dict[str, list[float]] = {arm: [] for arm in steps}
+        for _ in range(3):
+            for train_step in steps.values():
+                train_step(index)
+        for _ in range(15):
+            for arm, train_step in steps.items():
+                for _ in range(5):
+                    start = time.perf_counter()
+                    train_step(index)
+                    times[arm].append(time.perf_counter() - start)
+        direct, matmul = (statistics.median(times[arm]) * 1000 for arm in ("direct", "matmul"))
+        print(
+            f"{name} {hardware.precision}: direct {direct:.2f} ms, matmul {matmul:.2f} ms: {direct / matmul:.3f}x",
+            flush=True,
+        )
+
+
+def fp32_layers() -> None:
+    """convnet7's convolutions (after its first) in fp32 against bf16, both nn.Conv2d."""
+    for name, cin, cout, size, stride in CONVNET7_LAYERS:
+        conv = torch.nn.Conv2d(cin, cout, 2, stride=stride)
+        x16 = channels_last((BATCH, cin, size, size), torch.bfloat16, grad=True)
+        x32 = x16.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+        g16 = channels_last((BATCH, cout, size // stride, size // stride), torch.bfloat16)
+        arms = {
+            "bf16": conv_arm(conv, x16, g16, stride == 1, True),
+            "fp32": conv_arm(conv, x32, g16.float(), stride == 1, False),
+        }
+        print(name, rounds(arms), flush=True)
+
+
+class WhereMaxPool2x2(torch.autograd.Function):
+    """2x2 max-pooling whose backward writes every input gradient once, choosing by the pooling indices."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y, indices = F.max_pool2d_with_indices(x, 2, 2)
+        ctx.save_for_backward(indices)
+        ctx.input_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (indices,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        ho, wo = indices.shape[2], indices.shape[3]
+        position = torch.arange(h * w).view(1, 1, h, w)[:, :, : 2 * ho, : 2 * wo].reshape(1, 1, ho, 2, wo, 2)
+        result = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=torch.channels_last)
+        if h != 2 * ho or w != 2 * wo:
+            result.zero_()  # the rows and columns floor-mode pooling leaves out
+        windows = result[:, :, : 2 * ho, : 2 * wo].unflatten(2, (ho, 2)).unflatten(4, (wo, 2))
+        chosen = position == indices.unsqueeze(3).unsqueeze(5)
+        torch.where(chosen, grad.unsqueeze(3).unsqueeze(5), torch.zeros((), dtype=grad.dtype), out=windows)
+        return result
+
+
+def pool_and_back(pool: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> None:
+    pool(x).backward(grad)
+
+
+def pool_backward() -> None:
+    keep_freed_memory_for_reuse()
+    for channels, size in [(64, 24), (96, 14), (128, 7), (32, 14)]:  # convnet3's pool, convnet7's and others
+        x = channels_last((BATCH, channels, size, size), torch.bfloat16, grad=True)
+        grad = channels_last((BATCH, channels, size // 2, size // 2), torch.bfloat16)
+        gradients = []
+        for pool in (lambda t: F.max_pool2d(t, 2, 2), WhereMaxPool2x2.apply):
+            x.grad = None
+            pool(x).backward(grad)
+            gradients.append(x.grad)
+        x.grad = None
+        arms = {
+            "aten": functools.partial(pool_and_back, lambda t: F.max_pool2d(t, 2, 2), x, grad),
+            "where": functools.partial(pool_and_back, WhereMaxPool2x2.apply, x, grad),
+        }
+        print(f"{channels}x{size}x{size}: same gradients {torch.equal(*gradients)}; {rounds(arms)}", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    part = sys.argv[1] if len(sys.argv) > 1 else "step"
+    if part == "step":
+        step(sys.argv[2].split(",") if len(sys.argv) > 2 else ["convnet7", "convnet3"])
+    elif part == "step_ab":
+        step_ab(
+            sys.argv[2] if len(sys.argv) > 2 else "bf16", sys.argv[3].split(",") if len(sys.argv) > 3 else ["convnet7"]
+        )
+    elif part in ("im2col", "im2col_shapes", "fp32_layers", "pool_backward"):
+        globals()[part]()
+    else:
+        sys.exit(f"unknown part {part!r}: step, step_ab, im2col, im2col_shapes, fp32_layers or pool_backward")
