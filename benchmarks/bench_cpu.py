@@ -482,7 +482,7 @@ def run(settings: Settings, data_dir: Path) -> dict:
     if os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
         note = (
             "OMP_WAIT_POLICY=PASSIVE: PyTorch's OpenMP threads sleep between parallel regions, which slows both "
-            "PyTorch peers (cnnlab's convnet7 step by about a quarter on a quiet machine; BENCHMARKS.md, the OpenMP "
+            "PyTorch peers (cnnlab's convnet7 step by 27-43% on a quiet 2-core machine; BENCHMARKS.md, the OpenMP "
             "wait policy) and not Keras, whose TensorFlow threads are its own. Unset it to compare peers."
         )
         results["notes"].append(note)
