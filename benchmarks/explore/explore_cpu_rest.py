@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.catalog import load_spec
-from cnnlab.config import HardwareRequest
+from cnnlab.config import Hardware, HardwareRequest
 from cnnlab.engine import build_train_step, new_model
 from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
 from cnnlab.models import MatmulConv2d
 from cnnlab.optim import KerasAdam
+from explore_bf16_levers import interleaved  # run from this folder, as every explore script
 
 BATCH = 128
 # convnet7's convolutions after the first: name, in channels, out channels, input size, stride.
@@ -65,21 +65,22 @@ def rounds(arms: dict[str, Callable[[], object]], n: int = 3) -> str:
     return "  ".join(f"{name} {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in results.items())
 
 
-def step(models: list[str]) -> None:
-    """cnnlab's default CPU step, as bench_cpu.py times it, for running under different OpenMP settings."""
-    keep_freed_memory_for_reuse()
-    hardware = resolve_hardware(HardwareRequest(device="cpu"))
+def default_step(name: str, hardware: Hardware) -> Callable[[], object]:
+    """One call: cnnlab's CPU training step of `name` on a fixed random batch, as bench_cpu.py times it."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (BATCH,), generator=generator)
-    index = torch.arange(BATCH)
+    model = new_model(load_spec(name), 0, hardware).train()
+    train_step = build_train_step(model, KerasAdam(model.parameters()), hardware, images, labels, BATCH)
+    return functools.partial(train_step, torch.arange(BATCH))
+
+
+def step(models: list[str]) -> None:
+    """cnnlab's default CPU step, for running under different OpenMP settings."""
+    keep_freed_memory_for_reuse()
+    hardware = resolve_hardware(HardwareRequest(device="cpu"))
     for name in models:
-        model = new_model(load_spec(name), 0, hardware).train()
-        train_step = build_train_step(model, KerasAdam(model.parameters()), hardware, images, labels, BATCH)
-        print(
-            f"{name} {hardware.precision}: {median_ms(functools.partial(train_step, index), reps=25):.1f} ms/step",
-            flush=True,
-        )
+        print(f"{name} {hardware.precision}: {median_ms(default_step(name, hardware), reps=25):.1f} ms/step", flush=True)
 
 
 def channels_last(shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
@@ -135,34 +136,17 @@ def im2col_shapes() -> None:
 
 
 def step_ab(precision: str, models: list[str]) -> None:
-    """cnnlab's step with `small_convs_as_matmul` off and on (whatever the precision), interleaved."""
+    """cnnlab's step with `small_convs_as_matmul` off and on (whatever the precision), 15 interleaved rounds x 5."""
     keep_freed_memory_for_reuse()
     hardware = resolve_hardware(HardwareRequest(device="cpu", precision=precision))
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (BATCH,), generator=generator)
-    index = torch.arange(BATCH)
     for name in models:
-        steps = {}
-        for arm, as_matmul in (("direct", False), ("matmul", True)):
-            arm_hardware = dataclasses.replace(hardware, small_convs_as_matmul=as_matmul)
-            model = new_model(load_spec(name), 0, arm_hardware).train()
-            steps[arm] = build_train_step(model, KerasAdam(model.parameters()), arm_hardware, images, labels, BATCH)
-        times: dict[str, list[float]] = {arm: [] for arm in steps}
-        for _ in range(3):
-            for train_step in steps.values():
-                train_step(index)
-        for _ in range(15):
-            for arm, train_step in steps.items():
-                for _ in range(5):
-                    start = time.perf_counter()
-                    train_step(index)
-                    times[arm].append(time.perf_counter() - start)
-        direct, matmul = (statistics.median(times[arm]) * 1000 for arm in ("direct", "matmul"))
-        print(
-            f"{name} {hardware.precision}: direct {direct:.2f} ms, matmul {matmul:.2f} ms: {direct / matmul:.3f}x",
-            flush=True,
-        )
+        arms = {
+            arm: default_step(name, dataclasses.replace(hardware, small_convs_as_matmul=as_matmul))
+            for arm, as_matmul in (("direct", False), ("matmul", True))
+        }
+        seconds = interleaved(arms, rounds=15, per_round=5)
+        direct, matmul = seconds["direct"] * 1000, seconds["matmul"] * 1000
+        print(f"{name} {hardware.precision}: direct {direct:.2f} ms, matmul {matmul:.2f} ms: {direct / matmul:.3f}x", flush=True)
 
 
 def fp32_layers() -> None:
