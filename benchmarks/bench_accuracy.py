@@ -280,7 +280,9 @@ def main() -> None:
         "defaults": (
             f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
             f"{'compiled' if resolved.compiled else 'not compiled'}"
-            f"{', one CUDA graph per step' if resolved.cuda_graph else ''}, cnnlab's dropout masks"
+            f"{', one CUDA graph per step' if resolved.cuda_graph else ''}"
+            f"{', small convolutions as matrix products' if resolved.small_convs_as_matmul else ''}, cnnlab's "
+            f"{'compact ' if resolved.compact_dropout_masks else ''}dropout masks"
         ),
     }
     runs: list[dict] = []

@@ -201,6 +201,7 @@ def test_cuda_resolution_graphs_by_default_and_compiles_only_when_asked(monkeypa
     assert [(h.compiled, h.cuda_graph) for h in resolved.values()] == [(False, True), (True, True), (False, False)]
     assert {h.precision for h in resolved.values()} == {"bf16"} and resolved["auto"].device == "cuda"
     assert not any(h.small_convs_as_matmul for h in resolved.values())  # a CPU kernel choice only
+    assert not any(h.compact_dropout_masks for h in resolved.values())  # CPU masks only
 
 
 def test_small_convolutions_become_matmuls_in_bf16_on_the_cpu_only():
@@ -213,6 +214,20 @@ def test_small_convolutions_become_matmuls_in_bf16_on_the_cpu_only():
     bf16 = dataclasses.replace(CPU, precision="bf16", small_convs_as_matmul=True)
     kinds = [type(m).__name__ for m in new_model(load_spec("convnet7"), 0, bf16).modules() if isinstance(m, nn.Conv2d)]
     assert kinds == ["Conv2d"] * 5 + ["MatmulConv2d"] * 2  # the two layers on 3x3-pixel images
+
+
+def test_compact_dropout_masks_on_the_cpu_only_and_recorded():
+    from cnnlab.models import FastDropout
+
+    for precision in ("bf16", "fp32"):
+        assert resolve_hardware(HardwareRequest(device="cpu", precision=precision)).compact_dropout_masks is True
+    # A run recorded before the choice existed resumes with the masks it started with.
+    recorded = dataclasses.asdict(resolve_hardware(HardwareRequest(device="cpu")))
+    del recorded["compact_dropout_masks"]
+    assert Hardware.from_dict(recorded).compact_dropout_masks is False
+    for compact in (False, True):
+        model = new_model(load_spec("convnet7"), 0, dataclasses.replace(CPU, compact_dropout_masks=compact))
+        assert {m.compact_masks for m in model.modules() if isinstance(m, FastDropout)} == {compact}
 
 
 def test_bf16_autocast_trains_and_differs_from_fp32(tiny_images):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnnlab.catalog import builtin_models, load_spec
-from cnnlab.models import KerasBatchNorm, MatmulConv2d, build_model, keras_init_, summarize
+from cnnlab.models import KerasBatchNorm, MatmulConv2d, build_model, keras_init_, relu_after_pooling, summarize
 from cnnlab.spec import BatchNormalization, parse_spec
 
 # (total, trainable, non-trainable) as Keras's model.summary() prints them in the notebook.
@@ -309,6 +309,115 @@ def test_fast_dropout_drops_the_same_elements_in_either_memory_layout(dtype):
     noise = words.view(torch.int16)[: x.numel()].view(x.shape)
     expected = x * (noise >= dropout.threshold - 32768).to(dtype).mul_(dropout.scale)
     assert torch.equal(nchw, expected) and 0 < (nchw == 0).sum() < x.numel()
+
+
+def _words(count: int, seed: int) -> torch.Tensor:
+    """The 64-bit words a compact mask draws after `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return torch.empty(count, dtype=torch.int64).random_(-(2**63), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rate, bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.125, 4), (3 / 256, 8), (0.15, 16)])
+def test_compact_dropout_masks_take_the_bits_their_rate_needs_in_memory_order(dtype, rate, bits):
+    from cnnlab.models import FastDropout
+
+    x = torch.rand(3, 5, 4, 6, generator=torch.Generator().manual_seed(1)).to(dtype) + 1
+    dropout = FastDropout(rate, compact_masks=True).train()
+    assert dropout.bits == bits
+    n = x.numel()
+    # Element i in memory order takes bits [i * bits, (i + 1) * bits) of the little-endian random
+    # words, read as an unsigned number u: dropped when u < rate * 2**bits; with 16 bits, cnnlab
+    # 0.1's comparison: the signed 16-bit number plus 32768 below the rate rounded to 1/65536.
+    words = _words(-(-n * bits // 64), seed=7)
+    raw = words.view(torch.uint8).to(torch.int64)
+    bit = ((raw.unsqueeze(1) >> torch.arange(8)) & 1).view(-1)[: n * bits].view(n, bits)
+    value = (bit << torch.arange(bits)).sum(1)
+    if bits == 16:
+        value = (value + 32768) % 65536
+    dropped = value < round(rate * 2**bits)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(7)
+        y = dropout(x.contiguous(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout)
+        memory_order = y.permute(0, 2, 3, 1) if layout == torch.channels_last else y
+        expected_zero = dropped.view(memory_order.shape)
+        assert torch.equal(memory_order == 0, expected_zero) and 0 < expected_zero.sum() < n
+        x_memory_order = x.permute(0, 2, 3, 1) if layout == torch.channels_last else x
+        kept = x_memory_order[~expected_zero] * torch.tensor(dropout.scale, dtype=dtype)
+        assert torch.equal(memory_order[~expected_zero], kept)  # the survivors scaled, as cnnlab 0.1 scales them
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.125, 0.15, 0.39])
+def test_compact_dropout_masks_honour_the_rate(rate):
+    from cnnlab.models import FastDropout
+
+    dropout = FastDropout(rate, compact_masks=True).train()
+    torch.manual_seed(0)
+    y = dropout(torch.ones(400_001, dtype=torch.bfloat16))  # an element count no byte divides
+    assert y.shape == (400_001,)
+    assert (y == 0).float().mean().item() == pytest.approx(rate, abs=0.003)  # about 5 standard errors
+    assert y.float().mean().item() == pytest.approx(1.0, abs=0.01)
+    pairs = (y[:-1] == 0) & (y[1:] == 0)  # neighbours sharing a random byte are dropped independently
+    assert pairs.float().mean().item() == pytest.approx(rate**2, abs=0.003)
+
+
+def test_compact_dropout_masks_are_off_unless_asked_and_follow_the_model():
+    from cnnlab.models import FastDropout
+
+    spec = load_spec("convnet3")
+    assert {m.compact_masks for m in build_model(spec).modules() if isinstance(m, FastDropout)} == {False}
+    compact = build_model(spec, seed=3, compact_dropout_masks=True)
+    assert {m.compact_masks for m in compact.modules() if isinstance(m, FastDropout)} == {True}
+    assert [m.bits for m in compact.modules() if isinstance(m, FastDropout)] == [2, 2, 1]
+    plain = build_model(spec, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), compact.state_dict().values()))
+
+
+def _relu_before_pooling(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` rebuilt the plain way: each moved ReLU back before its max-pooling."""
+    from torch import nn
+
+    for i in relu_after_pooling(model.spec):
+        model.layers[i][-1] = nn.ReLU()
+        model.layers[i + 1] = model.layers[i + 1][0]
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_relu_after_max_pooling_computes_the_same_values_and_gradients(precision):
+    spec = load_spec("convnet5")
+    assert relu_after_pooling(spec) == {1, 4, 7, 10}  # each convolution followed by a pooling
+    moved, plain = build_model(spec, seed=2), _relu_before_pooling(build_model(spec, seed=2))
+    assert moved.state_dict().keys() == plain.state_dict().keys()
+    assert [type(m).__name__ for m in moved.layers[1:3]] == ["Sequential", "Sequential"]
+    assert isinstance(moved.layers[1][-1], torch.nn.Identity) and isinstance(moved.layers[2][-1], torch.nn.ReLU)
+    x = torch.randn(8, 1, 28, 28)
+    results = []
+    for model in (moved, plain):
+        torch.manual_seed(5)  # the same dropout masks
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            logits = model.train()(x)
+        logits.float().square().sum().backward()
+        results.append([logits, *(p.grad for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_relu_stays_before_a_pooling_that_pads_or_after_another_layer():
+    spec = _spec(
+        [
+            {"type": "Conv2D", "filters": 2, "kernel_size": 1, "activation": "relu"},
+            {"type": "MaxPooling2D", "pool_size": 3, "padding": "same"},  # 8x8 pooled by 3: padded
+            {"type": "Conv2D", "filters": 2, "kernel_size": 1, "activation": "tanh"},
+            {"type": "MaxPooling2D", "pool_size": 2},
+            {"type": "Conv2D", "filters": 2, "kernel_size": 1, "activation": "relu"},
+            {"type": "MaxPooling2D", "pool_size": 1},
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 2},
+        ],
+        input_shape=(8, 8, 1),
+    )
+    assert relu_after_pooling(spec) == {4}
 
 
 def test_glorot_bias_uses_keras_fans():

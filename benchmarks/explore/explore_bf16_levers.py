@@ -6,7 +6,8 @@ except `allocator`, which needs a fresh process per setting.
     python explore_bf16_levers.py adam        # Keras Adam as _foreach kernels against the fused one
     python explore_bf16_levers.py allocator   # a step with and without keep_freed_memory_for_reuse
     python explore_bf16_levers.py layout      # a step in channels_last against NCHW
-    python explore_bf16_levers.py relu_pool   # ReLU after max-pooling instead of before (not adopted)
+    python explore_bf16_levers.py relu_pool   # ReLU before max-pooling against after (cnnlab's build
+                                              # since 2026-11-28: models.relu_after_pooling)
     python explore_bf16_levers.py passes [fp32|bf16]  # dropout masks in one pass; conv+ReLU fused (not adopted)
 
 Timings are medians in microseconds (dropout, adam) or milliseconds (steps); 2 threads.
@@ -27,7 +28,7 @@ from cnnlab.catalog import load_spec
 from cnnlab.config import HardwareRequest
 from cnnlab.engine import build_train_step, new_model
 from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
-from cnnlab.models import FastDropout, build_model
+from cnnlab.models import FastDropout, build_model, relu_after_pooling
 from cnnlab.optim import KerasAdam
 
 MODELS = ["convnet3", "convnet5", "convnet7"]
@@ -109,37 +110,20 @@ def step_times(models: list[str], hardware_changes: dict[str, dict], steps_per_r
         for variant, changes in hardware_changes.items():
             variant_hardware = dataclasses.replace(hardware, **changes.get("hardware", {}))
             model = new_model(load_spec(name), 0, variant_hardware)
-            if changes.get("relu_after_pool"):
-                relu_after_pool(model)
+            if changes.get("relu_before_pool"):
+                relu_before_pool(model)
             step = build_train_step(model, KerasAdam(model.parameters()), variant_hardware, images, labels, 128)
             arms[variant] = lambda step=step: step(torch.randint(0, 6000, (128,), generator=generator))
         results[name] = {k: v * 1e3 for k, v in interleaved(arms, per_round=steps_per_round).items()}
     return results
 
 
-def relu_after_pool(model: torch.nn.Module) -> None:
-    """Compute Conv+ReLU, MaxPool as Conv, MaxPool, ReLU: the same values and gradients."""
-    layers = model.layers
-    pairs = [
-        i
-        for i in range(len(layers) - 1)
-        if isinstance(layers[i], torch.nn.Sequential)
-        and isinstance(layers[i][-1], torch.nn.ReLU)
-        and isinstance(layers[i + 1], torch.nn.MaxPool2d)
-    ]
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        i = 0
-        while i < len(layers):
-            if i in pairs:
-                x = layers[i][-1](layers[i + 1](layers[i][:-1](x)))
-                i += 2
-            else:
-                x = layers[i](x)
-                i += 1
-        return x
-
-    model.forward = forward
+def relu_before_pool(model: torch.nn.Module) -> None:
+    """Undo cnnlab's build (`models.relu_after_pooling`: Conv, MaxPool, ReLU) into the plain
+    Conv+ReLU, MaxPool: the same values and gradients."""
+    for i in relu_after_pooling(model.spec):
+        model.layers[i][-1] = torch.nn.ReLU()
+        model.layers[i + 1] = model.layers[i + 1][0]
 
 
 def allocator() -> None:
@@ -161,7 +145,7 @@ def layout() -> None:
 
 def relu_pool() -> None:
     keep_freed_memory_for_reuse()
-    print(step_times(MODELS, {"relu_then_pool": {}, "pool_then_relu": {"relu_after_pool": True}}))
+    print(step_times(MODELS, {"relu_then_pool": {"relu_before_pool": True}, "pool_then_relu": {}}))
 
 
 class DropoutBeforePasses(torch.nn.Module):
@@ -257,7 +241,9 @@ def with_dropout_before_passes(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def with_conv_relu_fused(model: torch.nn.Module) -> torch.nn.Module:
-    """Each convolution + ReLU as `ConvReLU` (the candidate)."""
+    """Each convolution + ReLU as `ConvReLU` (the candidate). Measured before cnnlab moved the ReLU
+    of a convolution followed by max-pooling after the pooling; undone here so that every one fuses."""
+    relu_before_pool(model)
     for i, layer in enumerate(model.layers):
         if isinstance(layer, torch.nn.Sequential) and isinstance(layer[-1], torch.nn.ReLU):
             conv = layer[0][-1] if isinstance(layer[0], torch.nn.Sequential) else layer[0]

@@ -4,11 +4,14 @@ product"). 2 threads; medians in milliseconds.
 
     python explore_cpu_rest.py step [MODELS]       # cnnlab's default step per model (comma-separated):
                                                    # run it under different OMP_* / GOMP_* settings
-    python explore_cpu_rest.py step_ab [PRECISION [MODELS]]  # the step with small_convs_as_matmul off / on
+    python explore_cpu_rest.py step_ab [PRECISION [MODELS [FIELD]]]  # the step with a Hardware switch
+                                                   # off / on (FIELD: small_convs_as_matmul, the default,
+                                                   # or compact_dropout_masks)
     python explore_cpu_rest.py im2col              # convnet7's convolutions as nn.Conv2d and MatmulConv2d, bf16
     python explore_cpu_rest.py im2col_shapes       # the same on other small images, channels and kernels
     python explore_cpu_rest.py fp32_layers         # convnet7's convolutions in fp32 against bf16
     python explore_cpu_rest.py pool_backward       # max-pool backward writing each gradient once (torch.where)
+    python explore_cpu_rest.py masks [PRECISION]   # dropout forward + backward, cnnlab 0.1's masks / compact ones
 
 The layer parts time forward + backward of one layer at batch 128 in channels_last, three rounds
 of 15 calls each, the arms alternating between rounds. Measured 2026-11-28 on a Zen 5 EPYC (2
@@ -30,7 +33,7 @@ from cnnlab.catalog import load_spec
 from cnnlab.config import Hardware, HardwareRequest
 from cnnlab.engine import build_train_step, new_model
 from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
-from cnnlab.models import MatmulConv2d
+from cnnlab.models import FastDropout, MatmulConv2d
 from cnnlab.optim import KerasAdam
 from explore_bf16_levers import interleaved  # run from this folder, as every explore script
 
@@ -135,18 +138,16 @@ def im2col_shapes() -> None:
         )
 
 
-def step_ab(precision: str, models: list[str]) -> None:
-    """cnnlab's step with `small_convs_as_matmul` off and on (whatever the precision), 15 interleaved rounds x 5."""
+def step_ab(precision: str, models: list[str], field: str = "small_convs_as_matmul") -> None:
+    """cnnlab's step with the Hardware switch `field` off and on (whatever the precision, the other
+    switches as resolved), 15 interleaved rounds x 5."""
     keep_freed_memory_for_reuse()
     hardware = resolve_hardware(HardwareRequest(device="cpu", precision=precision))
     for name in models:
-        arms = {
-            arm: default_step(name, dataclasses.replace(hardware, small_convs_as_matmul=as_matmul))
-            for arm, as_matmul in (("direct", False), ("matmul", True))
-        }
+        arms = {arm: default_step(name, dataclasses.replace(hardware, **{field: arm == "on"})) for arm in ("off", "on")}
         seconds = interleaved(arms, rounds=15, per_round=5)
-        direct, matmul = seconds["direct"] * 1000, seconds["matmul"] * 1000
-        print(f"{name} {hardware.precision}: direct {direct:.2f} ms, matmul {matmul:.2f} ms: {direct / matmul:.3f}x", flush=True)
+        off, on = seconds["off"] * 1000, seconds["on"] * 1000
+        print(f"{name} {hardware.precision} {field}: off {off:.2f} ms, on {on:.2f} ms: {off / on:.3f}x", flush=True)
 
 
 def fp32_layers() -> None:
@@ -210,6 +211,26 @@ def pool_backward() -> None:
         print(f"{channels}x{size}x{size}: same gradients {torch.equal(*gradients)}; {rounds(arms)}", flush=True)
 
 
+def dropout_and_back(dropout: FastDropout, x: torch.Tensor, grad: torch.Tensor) -> None:
+    dropout(x).backward(grad)
+
+
+def masks(precision: str) -> None:
+    """Each built-in model's dropout layers (channels_last activations at batch 128), forward +
+    backward, with cnnlab 0.1's masks and with compact ones."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # (channels, size) or (units,), with the rate: convnet3's, convnet5's last, convnet7's.
+    shapes = [((64, 24, 24), 0.25), ((128, 11, 11), 0.25), ((256,), 0.5), ((64, 5, 5), 0.25), ((16, 28, 28), 0.25)]
+    for shape, rate in shapes:
+        x = torch.randn((BATCH, *shape)).to(dtype)
+        x = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x).requires_grad_()
+        arms = {
+            arm: functools.partial(dropout_and_back, FastDropout(rate, compact).train(), x, torch.ones_like(x))
+            for arm, compact in (("nchw", False), ("compact", True))
+        }
+        print(f"{'x'.join(map(str, shape))} rate {rate}: {rounds(arms)}", flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     part = sys.argv[1] if len(sys.argv) > 1 else "step"
@@ -217,9 +238,13 @@ if __name__ == "__main__":
         step(sys.argv[2].split(",") if len(sys.argv) > 2 else ["convnet7", "convnet3"])
     elif part == "step_ab":
         step_ab(
-            sys.argv[2] if len(sys.argv) > 2 else "bf16", sys.argv[3].split(",") if len(sys.argv) > 3 else ["convnet7"]
+            sys.argv[2] if len(sys.argv) > 2 else "bf16",
+            sys.argv[3].split(",") if len(sys.argv) > 3 else ["convnet7"],
+            *sys.argv[4:5],
         )
+    elif part == "masks":
+        masks(sys.argv[2] if len(sys.argv) > 2 else "bf16")
     elif part in ("im2col", "im2col_shapes", "fp32_layers", "pool_backward"):
         globals()[part]()
     else:
-        sys.exit(f"unknown part {part!r}: step, step_ab, im2col, im2col_shapes, fp32_layers or pool_backward")
+        sys.exit(f"unknown part {part!r}: step, step_ab, im2col, im2col_shapes, fp32_layers, pool_backward or masks")

@@ -1,7 +1,7 @@
 """torch.profiler of a training step: top ops by self CPU time.
 Usage: python explore_profile.py MODEL [recipe [steps [rows [by-shape]]]]   recipe in {plain, cnnlab}
 plain: the PyTorch peer's step; cnnlab: cnnlab's own step on the CPU (engine.build_train_step with
-the defaults resolved for the CPU). BENCHMARKS.md's profile table used recipe 'best', the fastest
+the defaults resolved for the CPU, glibc keeping freed memory as cnnlab's runner has it). BENCHMARKS.md's profile table used recipe 'best', the fastest
 eager recipe of explore_recipe.py (commit 87f1861), which cnnlab's step has since adopted ('best'
 is accepted as another name for 'cnnlab')."""
 import sys, torch
@@ -18,9 +18,10 @@ if recipe == "plain":
 elif recipe in ("cnnlab", "best"):
     from cnnlab.config import HardwareRequest
     from cnnlab.engine import build_train_step, new_model
-    from cnnlab.hardware import resolve_hardware
+    from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
     from cnnlab.optim import KerasAdam
     hw = resolve_hardware(HardwareRequest(device="cpu"))
+    keep_freed_memory_for_reuse()  # as cnnlab's runner does before training on the CPU
     m = new_model(load_spec(name), 0, hw).train(); opt = KerasAdam(m.parameters())
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=g)

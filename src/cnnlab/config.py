@@ -316,6 +316,9 @@ class Hardware:
     # Convolutions with a few output pixels computed as one matrix product (models.MatmulConv2d); False
     # in runs recorded before it existed, so that they resume with the kernels they started with.
     small_convs_as_matmul: bool = False
+    # CPU dropout masks from only the random bits their rate needs, in the activations' memory order
+    # (models.FastDropout); False in runs recorded before it existed, which resume with their old masks.
+    compact_dropout_masks: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Hardware:

@@ -157,7 +157,13 @@ def _autocast(hardware: Hardware):
 def new_model(spec: ModelSpec, seed: int | None, hardware: Hardware, numerics: int = 3) -> SequentialNet:
     """The spec's network with Keras's initialisation (seeded) and Keras `numerics` (2: Keras 2.2.4,
     3: Keras 3), on the device in its memory layout."""
-    model = build_model(spec, seed=seed, numerics=numerics, small_convs_as_matmul=hardware.small_convs_as_matmul)
+    model = build_model(
+        spec,
+        seed=seed,
+        numerics=numerics,
+        small_convs_as_matmul=hardware.small_convs_as_matmul,
+        compact_dropout_masks=hardware.compact_dropout_masks,
+    )
     model = model.to(torch.device(hardware.device))
     return model.to(memory_format=torch.channels_last) if hardware.channels_last else model
 

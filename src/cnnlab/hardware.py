@@ -82,6 +82,8 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         # Faster in bf16 on the CPU only (fp32 there: 0.96x; BENCHMARKS.md, "Small convolutions as one
         # matrix product").
         small_convs_as_matmul=device.type == "cpu" and precision == "bf16",
+        # Cheaper masks on the CPU in either precision (BENCHMARKS.md, "Compact dropout masks").
+        compact_dropout_masks=device.type == "cpu",
     )
 
 

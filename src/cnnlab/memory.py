@@ -23,10 +23,12 @@ The peak is the largest phase on top of what is held all the time. What autograd
 
 - Conv2D: its input (after a 'same' pad copy where the padding is uneven, after the bf16 cast of
   an fp32 input under autocast; in bf16 also the weight's bf16 copy); Dense: its input likewise;
-- ReLU, sigmoid, tanh: their output; ELU, SELU, GELU, SiLU/swish, softplus: their input;
+- ReLU, sigmoid, tanh: their output; ELU, SELU, GELU, SiLU/swish, softplus: their input (a
+  convolution's ReLU before max-pooling runs after the pooling: `models.relu_after_pooling`);
 - MaxPooling2D: its input and the int64 indices of the maxima (output-sized);
-- Dropout (`FastDropout`): its keep mask, as large as its input in the activations' dtype (the
-  random words it draws, 2 bytes an element, live during the forward op only);
+- Dropout (`FastDropout`): its keep mask, as large as its input in the activations' dtype (on the
+  CPU the random words it draws and what it makes the mask from live during the forward op only:
+  `FastDropout.cpu_temporary_bytes`);
 - BatchNormalization: its input (the centred and scaled temporaries live during the op only);
 - Flatten: nothing, and nothing new at all where the input is channels_last (a view).
 
@@ -50,7 +52,14 @@ import torch
 from cnnlab.config import Hardware, Recipe, RunPlan
 from cnnlab.datasets import Dataset
 from cnnlab.errors import ConfigError
-from cnnlab.models import FastDropout, format_count, scientific_notation, spec_layer_counts
+from cnnlab.models import (
+    FastDropout,
+    format_count,
+    pool_padding,
+    relu_after_pooling,
+    scientific_notation,
+    spec_layer_counts,
+)
 from cnnlab.spec import (
     Activation,
     BatchNormalization,
@@ -163,12 +172,12 @@ class _Builder:
     """Turns a spec into the autograd ops its module runs (views and identities are not ops), at a
     batch size, for a training step or for evaluation."""
 
-    def __init__(
-        self, spec: ModelSpec, batch: int, precision: str, channels_last: bool, training: bool, device_type: str
-    ) -> None:
-        self.spec, self.batch, self.training, self.device_type = spec, batch, training, device_type
-        self.bf16 = precision == "bf16"
-        self.channels_last = channels_last
+    def __init__(self, spec: ModelSpec, batch: int, hardware: Hardware, training: bool) -> None:
+        self.spec, self.batch, self.training = spec, batch, training
+        self.device_type = torch.device(hardware.device).type
+        self.bf16 = hardware.precision == "bf16"
+        self.channels_last = hardware.channels_last
+        self.compact_dropout_masks = hardware.compact_dropout_masks
         self.ops: list[_Op] = []
         self.weight_copies = 0  # bf16 evaluation: autocast's weight copies, cached until the forward ends
 
@@ -178,13 +187,16 @@ class _Builder:
         head = classifier_head(spec)
         x = _Tensor(self.batch * math.prod(spec.input_shape) * FP32, grad=False)  # to_input's float batch
         current, dsize = x, FP32
+        moved_relus = relu_after_pooling(spec)
         for i, layer in enumerate(spec.layers):
             if i >= head:
                 break  # a trailing softmax is left to the loss
             activation = getattr(layer, "activation", "linear")
-            if i == head - 1 and activation == "softmax":
+            if i == head - 1 and activation == "softmax" or i in moved_relus:
                 activation = "linear"
             current, dsize = self._layer(i, layer, activation, shapes[i], shapes[i + 1], current, dsize)
+            if i - 1 in moved_relus:  # the convolution's ReLU, after this pooling
+                current = self._activation(i, "relu", current, dsize, self._elements(shapes[i + 1]))
         if self.training:
             if dsize != FP32:  # logits.float()
                 current = self._op(len(spec.layers) - 1, current, self.batch * spec.num_classes * FP32)
@@ -249,25 +261,24 @@ class _Builder:
                 current = self._op(i, current, out_elements * dsize)
             return self._activation(i, activation, current, dsize, out_elements), dsize
         if isinstance(layer, MaxPooling2D):
-            if layer.padding == "same":
-                strides = layer.strides or layer.pool_size
-                top, bottom = same_padding(in_shape[0], layer.pool_size[0], strides[0])
-                left, right = same_padding(in_shape[1], layer.pool_size[1], strides[1])
-                if top or bottom or left or right:  # a -inf pad copy (ConstantPad2d)
-                    padded = self.batch * (in_shape[0] + top + bottom) * (in_shape[1] + left + right) * in_shape[2]
-                    current = self._op(i, current, padded * dsize)
+            left, right, top, bottom = pool_padding(layer, in_shape)
+            if top or bottom or left or right:  # a -inf pad copy (ConstantPad2d)
+                padded = self.batch * (in_shape[0] + top + bottom) * (in_shape[1] + left + right) * in_shape[2]
+                current = self._op(i, current, padded * dsize)
             if self.training:
                 indices = _Tensor(out_elements * INT64, grad=False)
                 return self._op(i, current, out_elements * dsize, saved=[current, indices]), dsize
-            return self._op(i, current, out_elements * dsize), dsize
+            # inference makes the indices too, and drops them
+            return self._op(i, current, out_elements * dsize, forward_extra=out_elements * INT64), dsize
         if isinstance(layer, Dropout):
-            if not self.training or FastDropout(layer.rate).threshold == 0:
+            dropout = FastDropout(layer.rate, self.compact_dropout_masks)
+            if not self.training or dropout.threshold == 0:
                 return current, dsize  # the identity
             mask = _Tensor(in_elements * dsize, grad=False)  # the keep mask, saved
             if self.device_type == "cuda":  # x * keep, then * scale: one more temporary either way
                 extra = backward_extra = in_elements * dsize
-            else:  # the random words: one int64 per four elements, alive until the forward returns
-                extra, backward_extra = 2 * in_elements, 0
+            else:  # the random words and what the mask is made from, alive until the forward returns
+                extra, backward_extra = dropout.cpu_temporary_bytes(in_elements), 0
             return self._op(
                 i, current, out_elements * dsize, saved=[mask], forward_extra=extra, backward_extra=backward_extra
             ), dsize
@@ -397,13 +408,13 @@ def estimate_training_memory(
     non_trainable = sum(c.non_trainable for c in counts)
     tensors = sum(_parameter_tensors(layer, c) for layer, c in zip(spec.layers, counts))
 
-    builder = _Builder(spec, batch, hardware.precision, hardware.channels_last, True, device_type)
+    builder = _Builder(spec, batch, hardware, training=True)
     x, ops = builder.build()
     backward_peak, activations, weight_copies, held_batch = _training_peak(x, ops)
     gradients = FP32 * trainable
     update = gradients + 2 * FP32 * trainable + held_batch
 
-    evaluator = _Builder(spec, eval_batch, hardware.precision, hardware.channels_last, False, device_type)
+    evaluator = _Builder(spec, eval_batch, hardware, training=False)
     eval_x, eval_ops = evaluator.build()
     outputs = 2 * (INT64 + FP32) * evaluated  # predictions and confidences, gathered then concatenated
     evaluation = gradients + _evaluation_peak(eval_x, eval_ops, evaluator.weight_copies) + outputs

@@ -164,6 +164,22 @@ _SAME_SIZE_INT = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
 }
+# An element type of each width in bytes, for gathering a table row of masks as one element (the
+# 16-byte type is complex only for its size: index_select moves the bytes as they are).
+_WIDTH_TYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def _random_words(count: int) -> torch.Tensor:
+    """`count` uniform 64-bit words from the global generator."""
+    return torch.empty(count, dtype=torch.int64).random_(-(2**63), None)  # the full range: no modulo
+
+
+def _in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`flat` (as many elements as `like`) viewed in `like`'s shape with `like`'s order of dimensions
+    in memory (channels_last stays channels_last), so that elementwise work with `like` is a straight
+    pass."""
+    order = sorted(range(like.dim()), key=like.stride, reverse=True)
+    return flat.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
 
 class FastDropout(nn.Module):
@@ -173,11 +189,18 @@ class FastDropout(nn.Module):
     64-bit random draw gives four 16-bit uniform numbers, compared with a threshold: the mask costs
     a fraction, and the rate is honoured to 1/65536 (the rate actually used scales the survivors).
     On a GPU, where masks are cheap, a half-precision uniform draw does the same job.
+
+    With `compact_masks` (cnnlab's CPU default since 0.2; runs recorded before it keep the masks
+    above), each element takes only the random bits its rate needs: a rate that is a multiple of
+    1/2**k for k in 1, 2, 4 or 8 (the notebook's 0.25 and 0.5: 2 bits and 1) draws k bits per element,
+    exactly that rate, and each random byte becomes the mask values of its 8/k elements through one
+    table lookup; other rates draw 16 bits as above. The masks are laid out in the activations' own
+    memory order, not NCHW's, so no copy changes their layout (BENCHMARKS.md, "Compact dropout masks").
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, compact_masks: bool = False) -> None:
         super().__init__()
-        self.rate = rate
+        self.rate, self.compact_masks = rate, compact_masks
         self.threshold = round(rate * 65536)  # drop when a uniform int16 (offset to 0..65535) is below this
         self.scale = 65536 / (65536 - self.threshold)
         # The survivors' value in each float dtype, as the bits of the same-size integer (CPU masks;
@@ -186,6 +209,19 @@ class FastDropout(nn.Module):
             dtype: torch.ones((), dtype=dtype, device="cpu").mul_(self.scale).view(integer).item()
             for dtype, integer in _SAME_SIZE_INT.items()
         }
+        # Random bits per element: the fewest that give this rate exactly (16: the rate to 1/65536).
+        exact = [bits for bits in (1, 2, 4, 8) if (rate * 2**bits).is_integer()]
+        self.bits = exact[0] if compact_masks and exact else 16
+        self._tables: dict[torch.dtype, torch.Tensor] = {}  # mask tables by dtype, made on first use
+
+    def cpu_temporary_bytes(self, elements: int) -> int:
+        """Bytes a CPU mask for `elements` elements holds beyond the mask itself while it is made: the
+        random words (2 bytes an element at 16 bits) or, with a table, their bytes and those bytes as
+        int32 row numbers."""
+        if self.bits == 16:
+            return 2 * elements  # the words, made into 0/1 in place; the mask is then a copy
+        drawn = -(-elements * self.bits // 8)
+        return 5 * drawn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
@@ -193,6 +229,14 @@ class FastDropout(nn.Module):
         if x.is_cuda:
             keep = torch.rand(x.shape, device=x.device, dtype=torch.float16) >= self.rate
             return x * keep.to(x.dtype) * (1.0 / (1.0 - self.rate))
+        if not self.compact_masks:
+            return x * self._nchw_mask(x)
+        if self.bits < 16:
+            return x * self._table_mask(x)
+        return x * self._sixteen_bit_mask(x)
+
+    def _nchw_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """cnnlab 0.1's mask: 16 bits per element, drawn in NCHW order whatever x's layout."""
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         noise = words.view(torch.int16)[: x.numel()].view(x.shape)  # the same draws in any memory layout
         # keep = noise >= limit, as 0/1 by clamping: bool masks convert to floats several times slower.
@@ -202,8 +246,38 @@ class FastDropout(nn.Module):
         # integers: one copy then puts it in x's dtype and memory layout (elementwise work between
         # tensors of different layouts takes a slow path, 10x here).
         integer = _SAME_SIZE_INT[x.dtype]
-        mask = torch.empty_like(x).view(integer).copy_(keep).mul_(self.scale_bits[x.dtype]).view(x.dtype)
-        return x * mask
+        return torch.empty_like(x).view(integer).copy_(keep).mul_(self.scale_bits[x.dtype]).view(x.dtype)
+
+    def _sixteen_bit_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """16 bits per element, as `_nchw_mask`, in x's memory order."""
+        words = _random_words((x.numel() + 3) // 4)
+        limit = self.threshold - 32768
+        keep = words.view(torch.int16)[: x.numel()].clamp_(limit - 1, limit).sub_(limit - 1)
+        mask = keep.to(_SAME_SIZE_INT[x.dtype]).mul_(self.scale_bits[x.dtype]).view(x.dtype)
+        return _in_memory_order(mask, x)
+
+    def _table_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """`bits` per element: each random byte picks the masks of its 8 / bits elements from a table."""
+        per_byte = 8 // self.bits
+        table = self._tables.get(x.dtype)
+        if table is None:
+            table = self._tables[x.dtype] = self._mask_table(x.dtype)
+        count = -(-x.numel() // per_byte)
+        rows = _random_words(-(-count // 8)).view(torch.uint8)[:count].to(torch.int32)
+        mask = table.index_select(0, rows).view(x.dtype).view(-1)[: x.numel()]
+        return _in_memory_order(mask, x)
+
+    def _mask_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """Row b: the mask values of the 8 / bits elements whose random bits are byte b's (element j:
+        bits j*bits and up), each the survivors' scale or 0 as x's dtype, the row as one wide
+        element (or several)."""
+        per_byte, field = 8 // self.bits, (1 << self.bits) - 1
+        values = (torch.arange(256).unsqueeze(1) >> (torch.arange(per_byte) * self.bits)) & field
+        keep = values >= round(self.rate * 2**self.bits)
+        integer = _SAME_SIZE_INT[dtype]
+        table = torch.where(keep, self.scale_bits[dtype], 0).to(integer)
+        width = min(per_byte * integer.itemsize, 16)
+        return table.view(_WIDTH_TYPE[width]).squeeze(1)
 
 
 # A convolution with at most this many output pixels (convnet7's 3x3-image layers) that pads nothing
@@ -270,6 +344,7 @@ def _build_layer(
     generator: torch.Generator | None,
     numerics: int = 3,
     small_convs_as_matmul: bool = False,
+    compact_dropout_masks: bool = False,
 ) -> nn.Module:
     """One spec layer as a module with Keras `numerics` (2 or 3); `in_shape` and `out_shape` are
     channels_last without the batch axis."""
@@ -295,16 +370,13 @@ def _build_layer(
             module = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
         return _with_activation(module, layer.activation)
     if isinstance(layer, MaxPooling2D):
-        strides = layer.strides or layer.pool_size
-        pool = nn.MaxPool2d(layer.pool_size, strides)
-        if layer.padding == "same":
-            top, bottom = same_padding(in_shape[0], layer.pool_size[0], strides[0])
-            left, right = same_padding(in_shape[1], layer.pool_size[1], strides[1])
-            if top or bottom or left or right:
-                return nn.Sequential(nn.ConstantPad2d((left, right, top, bottom), float("-inf")), pool)
+        pool = nn.MaxPool2d(layer.pool_size, layer.strides or layer.pool_size)
+        left, right, top, bottom = pool_padding(layer, in_shape)
+        if top or bottom or left or right:
+            return nn.Sequential(nn.ConstantPad2d((left, right, top, bottom), float("-inf")), pool)
         return pool
     if isinstance(layer, Dropout):
-        return FastDropout(layer.rate)
+        return FastDropout(layer.rate, compact_dropout_masks)
     if isinstance(layer, Flatten):
         return KerasFlatten()
     if isinstance(layer, Dense):
@@ -320,6 +392,34 @@ def _build_layer(
     raise TypeError(f"unsupported layer {layer!r}")  # parse_spec only makes the types above
 
 
+def pool_padding(layer: MaxPooling2D, in_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The -inf padding (left, right, top, bottom) a max-pooling layer adds to its channels_last
+    `in_shape` (TensorFlow's 'same' padding; none for 'valid')."""
+    if layer.padding != "same":
+        return 0, 0, 0, 0
+    strides = layer.strides or layer.pool_size
+    top, bottom = same_padding(in_shape[0], layer.pool_size[0], strides[0])
+    left, right = same_padding(in_shape[1], layer.pool_size[1], strides[1])
+    return left, right, top, bottom
+
+
+def relu_after_pooling(spec: ModelSpec) -> frozenset[int]:
+    """The layers (indices) whose ReLU the built network applies after the max-pooling layer that
+    follows them: ReLU and max-pooling commute (both monotonic, and pooling picks the same element
+    either way), so the values and gradients are the same, while the ReLU and its backward touch a
+    quarter of the elements (BENCHMARKS.md, "Compact dropout masks"). A Conv2D's own ReLU, before a
+    pooling that pads nothing."""
+    shapes = [tuple(spec.input_shape)] + spec.output_shapes()
+    return frozenset(
+        i
+        for i, (layer, following) in enumerate(zip(spec.layers, spec.layers[1:]))
+        if isinstance(layer, Conv2D)
+        and layer.activation == "relu"
+        and isinstance(following, MaxPooling2D)
+        and not any(pool_padding(following, shapes[i + 1]))
+    )
+
+
 class SequentialNet(nn.Module):
     """A spec's network: one submodule per spec layer, input (N, C, H, W) floats, output logits."""
 
@@ -329,19 +429,28 @@ class SequentialNet(nn.Module):
         generator: torch.Generator | None = None,
         numerics: int = 3,
         small_convs_as_matmul: bool = False,
+        compact_dropout_masks: bool = False,
     ) -> None:
         super().__init__()
         self.spec, self.numerics = spec, numerics
         shapes = [tuple(spec.input_shape)] + spec.output_shapes()
         head = classifier_head(spec)
         modules: list[nn.Module] = []
+        moved_relus = relu_after_pooling(spec)
         for i, layer in enumerate(spec.layers):
             if i >= head:  # a trailing Activation('softmax'): the loss applies it
                 modules.append(nn.Identity())
                 continue
             if i == head - 1 and isinstance(layer, Dense) and layer.activation == "softmax":
                 layer = dataclasses.replace(layer, activation="linear")  # logits out; softmax in the loss
-            modules.append(_build_layer(layer, shapes[i], shapes[i + 1], generator, numerics, small_convs_as_matmul))
+            module = _build_layer(
+                layer, shapes[i], shapes[i + 1], generator, numerics, small_convs_as_matmul, compact_dropout_masks
+            )
+            if i in moved_relus:  # Sequential(convolution, ReLU): the ReLU's place stays, so do the keys
+                module[-1] = nn.Identity()
+            if i - 1 in moved_relus:
+                module = nn.Sequential(module, nn.ReLU())
+            modules.append(module)
         self.layers = nn.ModuleList(modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,16 +460,22 @@ class SequentialNet(nn.Module):
 
 
 def build_model(
-    spec: ModelSpec, seed: int | None = None, numerics: int = 3, small_convs_as_matmul: bool = False
+    spec: ModelSpec,
+    seed: int | None = None,
+    numerics: int = 3,
+    small_convs_as_matmul: bool = False,
+    compact_dropout_masks: bool = False,
 ) -> SequentialNet:
     """The spec's network with Keras's initialisation, seeded when `seed` is given; `numerics` 2
     gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's;
     `small_convs_as_matmul` computes convolutions of at most `MATMUL_CONV_MAX_PIXELS` output pixels
-    as one matrix product (`MatmulConv2d`: the same weights and initialisation)."""
+    as one matrix product (`MatmulConv2d`: the same weights and initialisation);
+    `compact_dropout_masks` draws CPU dropout masks with only the random bits their rate needs, in
+    the activations' memory order (`FastDropout`)."""
     if numerics not in (2, 3):
         raise ValueError(f"numerics must be 2 (Keras 2.2.4) or 3 (Keras 3), got {numerics!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SequentialNet(spec, generator, numerics, small_convs_as_matmul)
+    return SequentialNet(spec, generator, numerics, small_convs_as_matmul, compact_dropout_masks)
 
 
 STEP_COUNT = "num_batches_tracked"  # a Keras-2-numerics BatchNormalization's step count (KerasBatchNorm)
