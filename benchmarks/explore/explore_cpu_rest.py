@@ -12,6 +12,8 @@ product"). 2 threads; medians in milliseconds.
     python explore_cpu_rest.py fp32_layers         # convnet7's convolutions in fp32 against bf16
     python explore_cpu_rest.py pool_backward       # max-pool backward writing each gradient once (torch.where)
     python explore_cpu_rest.py masks [PRECISION]   # dropout forward + backward, cnnlab 0.1's masks / compact ones
+    python explore_cpu_rest.py overlap [PRECISION] # convnet5's convolution backwards: data and weights one
+                                                   # after another on 2 threads, or at once on 1 thread each
 
 The layer parts time forward + backward of one layer at batch 128 in channels_last, three rounds
 of 15 calls each, the arms alternating between rounds. Measured 2026-11-28 on a Zen 5 EPYC (2
@@ -25,6 +27,7 @@ import functools
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +86,9 @@ def step(models: list[str]) -> None:
     keep_freed_memory_for_reuse()
     hardware = resolve_hardware(HardwareRequest(device="cpu"))
     for name in models:
-        print(f"{name} {hardware.precision}: {median_ms(default_step(name, hardware), reps=25):.1f} ms/step", flush=True)
+        print(
+            f"{name} {hardware.precision}: {median_ms(default_step(name, hardware), reps=25):.1f} ms/step", flush=True
+        )
 
 
 def channels_last(shape: tuple[int, ...], dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
@@ -231,6 +236,42 @@ def masks(precision: str) -> None:
         print(f"{'x'.join(map(str, shape))} rate {rate}: {rounds(arms)}", flush=True)
 
 
+def overlap(precision: str) -> None:
+    """convnet5's three big convolutions' backward (128 images, channels_last, 5x5 'same'): data and
+    weight gradients in one call on 2 threads, each alone on 2 and on 1 thread, and both at once on
+    two worker threads of 1 thread each (as TensorFlow's executor runs independent ops)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    workers = ThreadPoolExecutor(2)
+    for ready in [workers.submit(torch.set_num_threads, 1) for _ in range(4)]:
+        ready.result()
+    for cin, cout, size in [(32, 64, 28), (64, 96, 14), (96, 128, 7)]:
+        x, grad = channels_last((BATCH, cin, size, size), dtype), channels_last((BATCH, cout, size, size), dtype)
+        weight = channels_last((cout, cin, 5, 5), dtype)
+        args = (grad, x, weight, [cout], [1, 1], [2, 2], [1, 1], False, [0, 0], 1)
+        backward = functools.partial(torch.ops.aten.convolution_backward, *args)
+        data, weights = (
+            functools.partial(backward, [True, False, False]),
+            functools.partial(backward, [False, True, True]),
+        )
+
+        def at_once(data: Callable[[], object] = data, weights: Callable[[], object] = weights) -> None:
+            for future in [workers.submit(data), workers.submit(weights)]:
+                future.result()
+
+        torch.set_num_threads(2)
+        both, data_2, weights_2, overlapped = (
+            median_ms(f) for f in (functools.partial(backward, [True] * 3), data, weights, at_once)
+        )
+        torch.set_num_threads(1)
+        data_1, weights_1 = median_ms(data), median_ms(weights)
+        torch.set_num_threads(2)
+        print(
+            f"{cin}->{cout} on {size}x{size} {precision}: both {both:.1f}, data {data_2:.1f} (1 thread {data_1:.1f}), "
+            f"weights {weights_2:.1f} (1 thread {weights_1:.1f}), at once on 1 thread each {overlapped:.1f} ms",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     part = sys.argv[1] if len(sys.argv) > 1 else "step"
@@ -242,9 +283,11 @@ if __name__ == "__main__":
             sys.argv[3].split(",") if len(sys.argv) > 3 else ["convnet7"],
             *sys.argv[4:5],
         )
-    elif part == "masks":
-        masks(sys.argv[2] if len(sys.argv) > 2 else "bf16")
+    elif part in ("masks", "overlap"):
+        globals()[part](sys.argv[2] if len(sys.argv) > 2 else "bf16")
     elif part in ("im2col", "im2col_shapes", "fp32_layers", "pool_backward"):
         globals()[part]()
     else:
-        sys.exit(f"unknown part {part!r}: step, step_ab, im2col, im2col_shapes, fp32_layers, pool_backward or masks")
+        sys.exit(
+            f"unknown part {part!r}: step, step_ab, im2col, im2col_shapes, fp32_layers, pool_backward, masks or overlap"
+        )
