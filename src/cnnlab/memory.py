@@ -192,7 +192,7 @@ class _Builder:
             if i >= head:
                 break  # a trailing softmax is left to the loss
             activation = getattr(layer, "activation", "linear")
-            if i == head - 1 and activation == "softmax" or i in moved_relus:
+            if (i == head - 1 and activation == "softmax") or i in moved_relus:
                 activation = "linear"
             current, dsize = self._layer(i, layer, activation, shapes[i], shapes[i + 1], current, dsize)
             if i - 1 in moved_relus:  # the convolution's ReLU, after this pooling
