@@ -9,9 +9,10 @@ those match the recorded ones and says why it skips elsewhere.
   the file again with `CNNLAB_WRITE_GOLDEN=1 pytest tests/test_golden.py` and say why in the commit.
 - Against 0.1, in fp32, within rounding: 0.2 changed how the CPU rounds (Adam in one fused pass,
   which adds Keras's epsilon after scaling it), not what it computes, once its dropout masks are
-  drawn as 0.1 drew them (0.2's compact CPU masks are other random draws of the same distribution). In bf16 0.2 also changed what
-  it computes (batch normalisation in float32, as Keras), and 2 epochs on 384 images are too chaotic
-  in bf16 for a tolerance to mean anything, so bf16 is pinned against itself only.
+  drawn as 0.1 drew them (0.2's compact CPU masks are other random draws of the same distribution).
+  In bf16 0.2 also changed what it computes (batch normalisation in float32, as Keras), and 2 epochs
+  on 384 images are too chaotic in bf16 for a tolerance to mean anything, so bf16 is pinned against
+  itself only.
 """
 
 from __future__ import annotations
