@@ -235,13 +235,16 @@ class FastDropout(nn.Module):
             return x * self._table_mask(x)
         return x * self._sixteen_bit_mask(x)
 
+    def _keep(self, noise: torch.Tensor) -> torch.Tensor:
+        """16-bit uniform noise made, in place, 0 where dropped and 1 where kept (noise >= limit, by
+        clamping: bool masks convert to floats several times slower)."""
+        limit = self.threshold - 32768
+        return noise.clamp_(limit - 1, limit).sub_(limit - 1)
+
     def _nchw_mask(self, x: torch.Tensor) -> torch.Tensor:
         """cnnlab 0.1's mask: 16 bits per element, drawn in NCHW order whatever x's layout."""
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-        noise = words.view(torch.int16)[: x.numel()].view(x.shape)  # the same draws in any memory layout
-        # keep = noise >= limit, as 0/1 by clamping: bool masks convert to floats several times slower.
-        limit = self.threshold - 32768
-        keep = noise.clamp_(limit - 1, limit).sub_(limit - 1)
+        keep = self._keep(words.view(torch.int16)[: x.numel()].view(x.shape))  # the same draws in any layout
         # 0/1 times the bit pattern of the survivors' scale in x's dtype is the mask itself, seen as
         # integers: one copy then puts it in x's dtype and memory layout (elementwise work between
         # tensors of different layouts takes a slow path, 10x here).
@@ -250,9 +253,7 @@ class FastDropout(nn.Module):
 
     def _sixteen_bit_mask(self, x: torch.Tensor) -> torch.Tensor:
         """16 bits per element, as `_nchw_mask`, in x's memory order."""
-        words = _random_words((x.numel() + 3) // 4)
-        limit = self.threshold - 32768
-        keep = words.view(torch.int16)[: x.numel()].clamp_(limit - 1, limit).sub_(limit - 1)
+        keep = self._keep(_random_words((x.numel() + 3) // 4).view(torch.int16)[: x.numel()])
         mask = keep.to(_SAME_SIZE_INT[x.dtype]).mul_(self.scale_bits[x.dtype]).view(x.dtype)
         return _in_memory_order(mask, x)
 
