@@ -37,14 +37,22 @@ function point(event) {
 }
 
 function stroke(from, to) {
-  ctx.strokeStyle = "#000";
-  ctx.lineWidth = BRUSH;
-  ctx.lineCap = "round";
-  ctx.lineJoin = "round";
   ctx.beginPath();
-  ctx.moveTo(from.x, from.y);
-  ctx.lineTo(to.x, to.y);
-  ctx.stroke();
+  if (from.x === to.x && from.y === to.y) {
+    // A dot (a press, or a move of no length) is a filled disc: browsers need not draw the round
+    // caps of a zero-length line, and Chromium 156.0.8078.108 draws nothing for one.
+    ctx.fillStyle = "#000";
+    ctx.arc(from.x, from.y, BRUSH / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  } else {
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = BRUSH;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.moveTo(from.x, from.y);
+    ctx.lineTo(to.x, to.y);
+    ctx.stroke();
+  }
   hasInk = true;
 }
 
