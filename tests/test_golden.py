@@ -4,7 +4,7 @@
 `fixtures/golden_builtin.json` by today's cnnlab, with the same command, once per kind of machine.
 Floating-point results depend on the torch version, the thread count and the CPU: oneDNN and MKL
 pick their kernels and blockings by the CPU model, not only by its instruction sets (an Intel Xeon
-with AMX and a Zen 5 EPYC, both "AVX512" to PyTorch, differ in fp32 from the first epoch). So each
+with AMX and a Zen 5 EPYC, both "AVX512" to PyTorch, give other fp32 numbers here). So each
 test runs only on a machine whose kind is recorded and says why it skips elsewhere.
 
 - Against itself, bit for bit: any change of the arithmetic shows. After an intended one, write
