@@ -201,6 +201,7 @@ def test_cuda_resolution_graphs_by_default_and_compiles_only_when_asked(monkeypa
     assert [(h.compiled, h.cuda_graph) for h in resolved.values()] == [(False, True), (True, True), (False, False)]
     assert {h.precision for h in resolved.values()} == {"bf16"} and resolved["auto"].device == "cuda"
     assert not any(h.small_convs_as_matmul for h in resolved.values())  # a CPU kernel choice only
+    assert not any(h.padded_small_convs_as_matmul for h in resolved.values())
     assert not any(h.compact_dropout_masks for h in resolved.values())  # CPU masks only
 
 
@@ -214,6 +215,42 @@ def test_small_convolutions_become_matmuls_in_bf16_on_the_cpu_only():
     bf16 = dataclasses.replace(CPU, precision="bf16", small_convs_as_matmul=True)
     kinds = [type(m).__name__ for m in new_model(load_spec("convnet7"), 0, bf16).modules() if isinstance(m, nn.Conv2d)]
     assert kinds == ["Conv2d"] * 5 + ["MatmulConv2d"] * 2  # the two layers on 3x3-pixel images
+
+
+def test_small_convolutions_that_pad_themselves_become_matmuls_with_amx_only(monkeypatch):
+    import cnnlab.hardware as hardware_module
+
+    for amx in (True, False):
+        monkeypatch.setattr(hardware_module, "cpu_has_amx", lambda amx=amx: amx)
+        bf16 = resolve_hardware(HardwareRequest(device="cpu", precision="bf16"))
+        assert bf16.padded_small_convs_as_matmul is amx and bf16.small_convs_as_matmul is True
+        assert resolve_hardware(HardwareRequest(device="cpu", precision="fp32")).padded_small_convs_as_matmul is False
+    # A run recorded before the choice existed resumes with the kernels it started with.
+    recorded = dataclasses.asdict(dataclasses.replace(CPU, padded_small_convs_as_matmul=True))
+    del recorded["padded_small_convs_as_matmul"]
+    assert Hardware.from_dict(recorded).padded_small_convs_as_matmul is False
+    both = dataclasses.replace(CPU, precision="bf16", small_convs_as_matmul=True, padded_small_convs_as_matmul=True)
+    convs = [m for m in new_model(load_spec("convnet5"), 0, both).modules() if isinstance(m, nn.Conv2d)]
+    assert [type(m).__name__ for m in convs] == ["Conv2d"] * 4 + ["MatmulConv2d"]  # 5x5 'same' on 3x3 pixels
+    assert convs[-1].padding == (2, 2)
+    kinds = [type(m).__name__ for m in new_model(load_spec("convnet7"), 0, both).modules() if isinstance(m, nn.Conv2d)]
+    assert kinds == ["Conv2d"] * 5 + ["MatmulConv2d"] * 2  # convnet7's pad outside the convolution: as before
+    # On its own the switch changes nothing: it widens small_convs_as_matmul.
+    alone = dataclasses.replace(CPU, precision="bf16", padded_small_convs_as_matmul=True)
+    assert not any(type(m).__name__ == "MatmulConv2d" for m in new_model(load_spec("convnet5"), 0, alone).modules())
+
+
+def test_amx_is_seen_only_where_onednn_may_use_it(monkeypatch):
+    import cnnlab.hardware as hardware_module
+
+    monkeypatch.setattr(hardware_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    for isa, expected in [("ALL", True), ("AVX512_CORE_AMX", True), ("AVX10_1_512_AMX", True), ("AVX10_1_512", False), ("AVX512_CORE_BF16", False)]:  # fmt: skip
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert hardware_module.cpu_has_amx() is expected, isa
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert hardware_module.cpu_has_amx() is False
 
 
 def test_compact_dropout_masks_on_the_cpu_only_and_recorded():

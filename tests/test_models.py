@@ -486,5 +486,12 @@ def test_small_convolutions_as_matmuls_keep_the_weights_and_their_names():
     assert not any(
         isinstance(m, MatmulConv2d) for m in build_model(load_spec("convnet5"), small_convs_as_matmul=True).modules()
     )
+    # With AMX it qualifies all the same (padded_small_convs_as_matmul), with the same weights and outputs.
+    plain5 = build_model(load_spec("convnet5"), seed=3)
+    fast5 = build_model(load_spec("convnet5"), seed=3, small_convs_as_matmul=True, padded_small_convs_as_matmul=True)
+    assert [m.padding for m in fast5.modules() if isinstance(m, MatmulConv2d)] == [(2, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(plain5.state_dict().values(), fast5.state_dict().values()))
+    x5 = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(fast5.eval()(x5), plain5.eval()(x5), rtol=1e-5, atol=1e-5)
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(fast.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)

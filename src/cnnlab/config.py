@@ -319,6 +319,9 @@ class Hardware:
     # CPU dropout masks from only the random bits their rate needs, in the activations' memory order
     # (models.FastDropout); False in runs recorded before it existed, which resume with their old masks.
     compact_dropout_masks: bool = False
+    # With small_convs_as_matmul, also those small convolutions that pad their input themselves (where
+    # the CPU has AMX); False in runs recorded before it existed.
+    padded_small_convs_as_matmul: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Hardware:

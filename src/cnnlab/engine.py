@@ -163,6 +163,7 @@ def new_model(spec: ModelSpec, seed: int | None, hardware: Hardware, numerics: i
         numerics=numerics,
         small_convs_as_matmul=hardware.small_convs_as_matmul,
         compact_dropout_masks=hardware.compact_dropout_masks,
+        padded_small_convs_as_matmul=hardware.padded_small_convs_as_matmul,
     )
     model = model.to(torch.device(hardware.device))
     return model.to(memory_format=torch.channels_last) if hardware.channels_last else model

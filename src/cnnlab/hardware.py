@@ -54,6 +54,15 @@ def cpu_has_fast_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and onednn_has_bf16
 
 
+def cpu_has_amx() -> bool:
+    """True where bf16 runs on AMX's tiles: the CPU has them and neither PyTorch nor oneDNN is kept
+    below them (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`)."""
+    if not (cpu_has_fast_bf16() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+        return False
+    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return onednn_isa == "ALL" or "AMX" in onednn_isa  # e.g. AVX512_CORE_AMX, AVX10_1_512_AMX
+
+
 def resolve_hardware(request: HardwareRequest) -> Hardware:
     """The request's `auto` choices made concrete for this machine."""
     device = resolve_device(request.device)
@@ -80,8 +89,9 @@ def resolve_hardware(request: HardwareRequest) -> Hardware:
         # was measured for bare steps, not yet for whole runs (BENCHMARKS.md, "GPU round two").
         units_at_once=request.units_at_once or 1,
         # Faster in bf16 on the CPU only (fp32 there: 0.96x; BENCHMARKS.md, "Small convolutions as one
-        # matrix product").
+        # matrix product"); those that pad themselves only with AMX ("CPU kind 3").
         small_convs_as_matmul=device.type == "cpu" and precision == "bf16",
+        padded_small_convs_as_matmul=device.type == "cpu" and precision == "bf16" and cpu_has_amx(),
         # Cheaper masks on the CPU in either precision (BENCHMARKS.md, "Compact dropout masks").
         compact_dropout_masks=device.type == "cpu",
     )

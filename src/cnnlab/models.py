@@ -284,6 +284,7 @@ class FastDropout(nn.Module):
 # A convolution with at most this many output pixels (convnet7's 3x3-image layers) that pads nothing
 # itself runs faster in bf16 on the CPU as one matrix product over its patches than as oneDNN's
 # direct convolution (BENCHMARKS.md, "Small convolutions as one matrix product"); larger ones do not.
+# With AMX, one that pads itself does too (convnet5's last; BENCHMARKS.md, "CPU kind 3").
 MATMUL_CONV_MAX_PIXELS = 9
 
 
@@ -346,6 +347,7 @@ def _build_layer(
     numerics: int = 3,
     small_convs_as_matmul: bool = False,
     compact_dropout_masks: bool = False,
+    padded_small_convs_as_matmul: bool = False,
 ) -> nn.Module:
     """One spec layer as a module with Keras `numerics` (2 or 3); `in_shape` and `out_shape` are
     channels_last without the batch axis."""
@@ -356,9 +358,13 @@ def _build_layer(
             top, bottom = same_padding(height, layer.kernel_size[0], layer.strides[0])
             left, right = same_padding(width, layer.kernel_size[1], layer.strides[1])
         # Padding on both sides alike is the convolution's own, whose direct kernels skip the zeros; a
-        # matrix product would multiply them too, so only layers that pad nothing themselves qualify.
+        # matrix product would multiply them too, so such layers qualify only where asked (with AMX).
         pads_itself = (top, left) != (0, 0) and top == bottom and left == right
-        as_matmul = small_convs_as_matmul and not pads_itself and out_shape[0] * out_shape[1] <= MATMUL_CONV_MAX_PIXELS
+        as_matmul = (
+            small_convs_as_matmul
+            and (padded_small_convs_as_matmul or not pads_itself)
+            and out_shape[0] * out_shape[1] <= MATMUL_CONV_MAX_PIXELS
+        )
         conv_type = MatmulConv2d if as_matmul else nn.Conv2d
         conv = conv_type(channels, layer.filters, layer.kernel_size, stride=layer.strides, bias=layer.use_bias)
         keras_init_(conv.weight, layer.kernel_initializer, generator, numerics)
@@ -431,6 +437,7 @@ class SequentialNet(nn.Module):
         numerics: int = 3,
         small_convs_as_matmul: bool = False,
         compact_dropout_masks: bool = False,
+        padded_small_convs_as_matmul: bool = False,
     ) -> None:
         super().__init__()
         self.spec, self.numerics = spec, numerics
@@ -445,7 +452,14 @@ class SequentialNet(nn.Module):
             if i == head - 1 and isinstance(layer, Dense) and layer.activation == "softmax":
                 layer = dataclasses.replace(layer, activation="linear")  # logits out; softmax in the loss
             module = _build_layer(
-                layer, shapes[i], shapes[i + 1], generator, numerics, small_convs_as_matmul, compact_dropout_masks
+                layer,
+                shapes[i],
+                shapes[i + 1],
+                generator,
+                numerics,
+                small_convs_as_matmul,
+                compact_dropout_masks,
+                padded_small_convs_as_matmul,
             )
             if i in moved_relus:  # Sequential(convolution, ReLU): the ReLU's place stays, so do the keys
                 module[-1] = nn.Identity()
@@ -466,17 +480,20 @@ def build_model(
     numerics: int = 3,
     small_convs_as_matmul: bool = False,
     compact_dropout_masks: bool = False,
+    padded_small_convs_as_matmul: bool = False,
 ) -> SequentialNet:
     """The spec's network with Keras's initialisation, seeded when `seed` is given; `numerics` 2
     gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's;
     `small_convs_as_matmul` computes convolutions of at most `MATMUL_CONV_MAX_PIXELS` output pixels
-    as one matrix product (`MatmulConv2d`: the same weights and initialisation);
-    `compact_dropout_masks` draws CPU dropout masks with only the random bits their rate needs, in
+    as one matrix product (`MatmulConv2d`: the same weights and initialisation), those that pad
+    their input themselves too with `padded_small_convs_as_matmul`; `compact_dropout_masks` draws CPU dropout masks with only the random bits their rate needs, in
     the activations' memory order (`FastDropout`)."""
     if numerics not in (2, 3):
         raise ValueError(f"numerics must be 2 (Keras 2.2.4) or 3 (Keras 3), got {numerics!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SequentialNet(spec, generator, numerics, small_convs_as_matmul, compact_dropout_masks)
+    return SequentialNet(
+        spec, generator, numerics, small_convs_as_matmul, compact_dropout_masks, padded_small_convs_as_matmul
+    )
 
 
 STEP_COUNT = "num_batches_tracked"  # a Keras-2-numerics BatchNormalization's step count (KerasBatchNorm)
