@@ -29,6 +29,9 @@ the reference is deterministic), then pair the two runs' defaults by seed:
 
     python benchmarks/bench_accuracy.py --precision fp32 --reference-from bf16.json --json fp32.json ...
     python benchmarks/bench_accuracy.py --from-json bf16.json --against fp32.json
+
+One switch of the defaults is told apart the same way, turning it off with `--without FIELD` (a
+`Hardware` switch, e.g. `padded_small_convs_as_matmul`) in the second run.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -216,6 +219,14 @@ def main() -> None:
         choices=["auto", "fp32", "bf16"],
         help="the defaults' precision: fp32 keeps every other default, to tell bf16's effect from the rest's",
     )
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        metavar="FIELD",
+        help="turn off these on/off switches of the resolved defaults (Hardware fields, e.g. "
+        "padded_small_convs_as_matmul) to measure one lever",
+    )
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-test", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here (after every run)")
@@ -262,6 +273,13 @@ def main() -> None:
     recipe = Recipe(epochs=args.epochs)
     selection = DataSelection(args.dataset, str(args.data_dir), args.limit_train, args.limit_test)
     resolved = resolve_hardware(HardwareRequest(precision=args.precision))
+    switches = {f.name for f in fields(Hardware) if f.type in (bool, "bool")} - {"compiled", "channels_last"}
+    unknown = [name for name in args.without if name not in switches]
+    if unknown:
+        parser.error(
+            f"--without {' '.join(unknown)}: not a switch of the defaults; choose from {', '.join(sorted(switches))}"
+        )
+    resolved = replace(resolved, **dict.fromkeys(args.without, False))
     if resolved.device == "cpu":
         keep_freed_memory_for_reuse()  # as cnnlab's runner does before training on the CPU
     meta = {
@@ -281,8 +299,10 @@ def main() -> None:
             f"{resolved.precision}, {'channels_last' if resolved.channels_last else 'NCHW'}, "
             f"{'compiled' if resolved.compiled else 'not compiled'}"
             f"{', one CUDA graph per step' if resolved.cuda_graph else ''}"
-            f"{', small convolutions as matrix products' if resolved.small_convs_as_matmul else ''}, cnnlab's "
-            f"{'compact ' if resolved.compact_dropout_masks else ''}dropout masks"
+            f"{', small convolutions as matrix products' if resolved.small_convs_as_matmul else ''}"
+            f"{' (those padding themselves too)' if resolved.small_convs_as_matmul and resolved.padded_small_convs_as_matmul else ''}"
+            f", cnnlab's {'compact ' if resolved.compact_dropout_masks else ''}dropout masks"
+            f"{''.join(f'; {name} off' for name in args.without)}"
         ),
     }
     runs: list[dict] = []
