@@ -486,8 +486,9 @@ def build_model(
     gives Keras 2.2.4's batch normalisation and bias fans, 3 (the default) Keras 3's;
     `small_convs_as_matmul` computes convolutions of at most `MATMUL_CONV_MAX_PIXELS` output pixels
     as one matrix product (`MatmulConv2d`: the same weights and initialisation), those that pad
-    their input themselves too with `padded_small_convs_as_matmul`; `compact_dropout_masks` draws CPU dropout masks with only the random bits their rate needs, in
-    the activations' memory order (`FastDropout`)."""
+    their input themselves too with `padded_small_convs_as_matmul`; `compact_dropout_masks` draws
+    CPU dropout masks with only the random bits their rate needs, in the activations' memory order
+    (`FastDropout`)."""
     if numerics not in (2, 3):
         raise ValueError(f"numerics must be 2 (Keras 2.2.4) or 3 (Keras 3), got {numerics!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
