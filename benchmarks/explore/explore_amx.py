@@ -6,12 +6,13 @@ Usage (from this folder): python explore_amx.py PART [MODELS]
   onednn MODELS    one process per model: the wall time of 4 cnnlab steps next to the time oneDNN's
                    verbose log gives its primitives in each, and the primitives of the last step by
                    time, with their GFLOP/s (convolutions and matmuls)
-  padded MODELS    cnnlab's bf16 step as resolved, against the same model with its convolutions of at
-                   most 9 output pixels that pad themselves also as one matrix product (MatmulConv2d),
-                   15 interleaved rounds x 5 steps
   rng MODELS       cnnlab's step with FastDropout's random words from PyTorch's generator (the default),
                    against words from NumPy's SFC64 seeded from it, 15 interleaved rounds x 5 steps
 Default MODELS: convnet7,convnet5,convnet3 (comma separated).
+
+The padded-convolution lever measured here first (convnet5's last convolution as one matrix product,
+padding and all; this file's part `padded` at commit af71695 swapped the layer in by hand) is now a
+switch: `python explore_cpu_rest.py step_ab bf16 convnet5 padded_small_convs_as_matmul` times it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn as nn
 from explore_bf16_levers import interleaved  # run from this folder, as every explore script
 from explore_cpu_rest import default_step
 
@@ -119,51 +119,6 @@ def onednn(names: list[str]) -> None:
             print(f"  {ms:6.2f} ms {rate:6.0f} GFLOP/s {kind} {implementation} {direction} {shape}", flush=True)
 
 
-def _with_padded_small_convs_as_matmul(name: str, hardware) -> object:
-    """`default_step` of `name` whose convolutions of at most MATMUL_CONV_MAX_PIXELS output pixels are
-    all MatmulConv2d, those that pad themselves included (same weights)."""
-
-    def to_matmul(conv: nn.Conv2d) -> models.MatmulConv2d:
-        bias = conv.bias is not None
-        new = models.MatmulConv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding, bias=bias
-        )
-        new.load_state_dict(conv.state_dict())
-        return new
-
-    build = models._build_layer
-
-    def build_layer(layer, in_shape, out_shape, *args, **kwargs):
-        module = build(layer, in_shape, out_shape, *args, **kwargs)
-        if isinstance(layer, models.Conv2D) and out_shape[0] * out_shape[1] <= models.MATMUL_CONV_MAX_PIXELS:
-            if type(module) is nn.Conv2d:
-                return to_matmul(module)
-            for parent in list(module.modules()):
-                for key, child in list(parent.named_children()):
-                    if type(child) is nn.Conv2d:
-                        setattr(parent, key, to_matmul(child))
-        return module
-
-    models._build_layer = build_layer
-    try:
-        return default_step(name, hardware)
-    finally:
-        models._build_layer = build
-
-
-def padded(names: list[str]) -> None:
-    keep_freed_memory_for_reuse()
-    hardware = resolve_hardware(HardwareRequest(device="cpu"))
-    for name in names:
-        arms = {
-            "as resolved": default_step(name, hardware),
-            "padded too": _with_padded_small_convs_as_matmul(name, hardware),
-        }
-        seconds = interleaved(arms, rounds=15, per_round=5)
-        before, after = seconds["as resolved"] * 1000, seconds["padded too"] * 1000
-        print(f"{name} {hardware.precision}: {before:.2f} -> {after:.2f} ms: {before / after:.3f}x", flush=True)
-
-
 def _sfc64_words(count: int) -> torch.Tensor:
     """`count` 64-bit words from NumPy's SFC64, seeded by two words of PyTorch's global generator."""
     seed = torch.empty(2, dtype=torch.int64).random_(-(2**63), None).numpy().view(np.uint64)
@@ -202,10 +157,10 @@ if __name__ == "__main__":
         print(matmul_rates())
     elif part == "_onednn":
         onednn_child(names[0])
-    elif part in ("onednn", "padded", "rng"):
+    elif part in ("onednn", "rng"):
         torch.set_num_threads(2)
         globals()[part](names)
     elif part == "cores":
         cores()
     else:
-        sys.exit(f"unknown part {part!r}: cores, onednn, padded or rng")
+        sys.exit(f"unknown part {part!r}: cores, onednn or rng")

@@ -6,7 +6,7 @@ product"). 2 threads; medians in milliseconds.
                                                    # run it under different OMP_* / GOMP_* settings
     python explore_cpu_rest.py step_ab [PRECISION [MODELS [FIELD]]]  # the step with a Hardware switch
                                                    # off / on (FIELD: small_convs_as_matmul, the default,
-                                                   # or compact_dropout_masks)
+                                                   # compact_dropout_masks or padded_small_convs_as_matmul)
     python explore_cpu_rest.py im2col              # convnet7's convolutions as nn.Conv2d and MatmulConv2d, bf16
     python explore_cpu_rest.py im2col_shapes       # the same on other small images, channels and kernels
     python explore_cpu_rest.py fp32_layers         # convnet7's convolutions in fp32 against bf16

@@ -42,6 +42,12 @@ def resolve_device(requested: str) -> torch.device:
     raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{requested}'")
 
 
+def _onednn_isa_limit() -> str:
+    """The ISA oneDNN is kept to (`ONEDNN_MAX_CPU_ISA`, or its old name `DNNL_MAX_CPU_ISA`), upper
+    case; "ALL" when unset."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX) and PyTorch may use it;
     elsewhere bf16 is emulated and slow. PyTorch kept to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) or
@@ -49,7 +55,7 @@ def cpu_has_fast_bf16() -> bool:
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     if not any(getattr(torch.cpu, name, lambda: False)() for name in checks):
         return False
-    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_isa = _onednn_isa_limit()
     onednn_has_bf16 = onednn_isa == "ALL" or any(word in onednn_isa for word in ("BF16", "FP16", "AMX", "AVX10"))
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and onednn_has_bf16
 
@@ -59,7 +65,7 @@ def cpu_has_amx() -> bool:
     below them (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`)."""
     if not (cpu_has_fast_bf16() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
         return False
-    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_isa = _onednn_isa_limit()
     return onednn_isa == "ALL" or "AMX" in onednn_isa  # e.g. AVX512_CORE_AMX, AVX10_1_512_AMX
 
 
