@@ -84,11 +84,16 @@ def skip_unless_recorded_here(record: dict) -> None:
         pytest.skip(reason="golden numbers were recorded with " + ", ".join(different or ["no CUDA"]))
 
 
+def record_of_this_kind(golden: dict) -> dict | None:
+    """The golden record whose every key matches this machine's, if there is one."""
+    return next((r for r in golden["machines"] if all(r.get(k) == v for k, v in HERE.items())), None)
+
+
 def record_for_here(golden: dict) -> dict:
     """The golden record of this kind of machine; skips, naming the recorded kinds, where there is none."""
-    for record in golden["machines"]:
-        if not differences(record) and not torch.cuda.is_available():
-            return record
+    record = record_of_this_kind(golden)
+    if record is not None and not torch.cuda.is_available():
+        return record
     kinds = "; ".join(", ".join(f"{key} {record[key]}" for key in HERE) for record in golden["machines"])
     here = ", ".join(f"{key} {value}" for key, value in HERE.items())
     pytest.skip(
@@ -137,7 +142,7 @@ def test_default_recipe_trains_to_its_golden_numbers_bit_for_bit(precision, requ
     if WRITE:
         trained = request.getfixturevalue("trained")
         golden = json.loads(GOLDEN_PATH.read_text()) if GOLDEN_PATH.exists() else {"made_with": COMMAND, "machines": []}
-        record = next((r for r in golden["machines"] if all(r.get(k) == v for k, v in HERE.items())), None)
+        record = record_of_this_kind(golden)
         if record is None:
             record = {**HERE, "runs": {}}
             golden["machines"].append(record)
