@@ -474,6 +474,56 @@ def test_matmul_convolution_rounds_like_the_convolution_in_bf16():
     assert (y_mm.double() - exact).abs().max() <= 2**-8 * exact.abs().max()
 
 
+def patches_through_autograd(conv: MatmulConv2d, x: torch.Tensor) -> torch.Tensor:
+    """MatmulConv2d's forward with its patches made by slices and `cat` under plain autograd (as
+    before its patches had their own backward): the reference for the bit-for-bit test below."""
+    if conv.padding != (0, 0):
+        x = torch.nn.functional.pad(x, (conv.padding[1],) * 2 + (conv.padding[0],) * 2)
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    pixels = x.permute(0, 2, 3, 1)
+    windows = [
+        pixels[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw] for i in range(kh) for j in range(kw)
+    ]
+    patches = torch.cat(windows, dim=-1).reshape(n * oh * ow, kh * kw * c)
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, conv.out_channels)
+    out = patches @ weight if conv.bias is None else torch.addmm(conv.bias, patches, weight)
+    return out.view(n, oh, ow, conv.out_channels).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "channels, filters, size, kernel, stride, padding, bias, pad_bottom_right",
+    [
+        (128, 164, 3, 2, 1, 0, True, True),  # convnet7's 3x3-pixel layers, after their 'same' padding
+        (128, 164, 3, 5, 1, 2, True, False),  # convnet5's last, padding itself (with AMX)
+        (16, 32, 6, 2, 2, 0, True, False),  # stride 2: patches that do not overlap
+        (8, 12, 5, 3, 1, 1, False, False),
+    ],
+)
+def test_matmul_convolution_patches_backward_is_autograds_to_the_bit(
+    channels, filters, size, kernel, stride, padding, bias, pad_bottom_right
+):
+    """The patches' own backward adds the kernel positions' gradients in autograd's order: the same
+    bf16 training as through slices and `cat`, bit for bit (the golden numbers depend on it)."""
+    torch.manual_seed(0)
+    conv = MatmulConv2d(channels, filters, kernel, stride=stride, padding=padding, bias=bias)
+    image = torch.randn(32, channels, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
+    results = []
+    for forward in (conv, lambda t: patches_through_autograd(conv, t)):
+        x = image.clone().requires_grad_()
+        conv.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(torch.nn.functional.pad(x, (0, 1, 0, 1)) if pad_bottom_right else x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).bfloat16())
+        results.append([y, x.grad] + [p.grad for p in conv.parameters()])
+    ours, autograds = results
+    assert ours[1].is_contiguous(memory_format=torch.channels_last)
+    bits = lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # -0.0 and 0.0 differ
+    for a, b in zip(ours, autograds):
+        assert a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
 def test_small_convolutions_as_matmuls_keep_the_weights_and_their_names():
     spec = load_spec("convnet7")
     plain, fast = build_model(spec, seed=3), build_model(spec, seed=3, small_convs_as_matmul=True)

@@ -22,10 +22,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from cnnlab.spec import (
     Activation,
@@ -288,6 +290,45 @@ class FastDropout(nn.Module):
 MATMUL_CONV_MAX_PIXELS = 9
 
 
+class _Patches(torch.autograd.Function):
+    """The patches of an (n, c, h, w) image in channels_last memory as the rows of one matrix
+    (im2col), each row (kernel row, kernel column, channel), for `MatmulConv2d`.
+
+    The forward is one `cat` of strided slices. Autograd through those slices would zero-fill a whole
+    image for each kernel position and add the images up; this backward adds each position's
+    gradient into one zeroed image instead, last position first, the order in which autograd adds
+    them, so the gradient is the same to the bit and costs fewer passes (BENCHMARKS.md, "CPU kind 3
+    again").
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+        (kernel_h, kernel_w), (stride_h, stride_w) = kernel_size, stride
+        n, channels, height, width = x.shape
+        out_h, out_w = (height - kernel_h) // stride_h + 1, (width - kernel_w) // stride_w + 1
+        ctx.windows = [
+            (slice(i, i + stride_h * (out_h - 1) + 1, stride_h), slice(j, j + stride_w * (out_w - 1) + 1, stride_w))
+            for i in range(kernel_h)
+            for j in range(kernel_w)
+        ]
+        ctx.pixels_shape = (n, height, width, channels)
+        pixels = x.permute(0, 2, 3, 1)  # (n, h, w, c): a view of a channels_last tensor
+        patches = torch.cat([pixels[:, rows, columns] for rows, columns in ctx.windows], dim=-1)
+        return patches.reshape(n * out_h * out_w, kernel_h * kernel_w * channels)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        n, _, _, channels = ctx.pixels_shape
+        pieces = grad.view(n, -1, len(ctx.windows), channels)  # (image, output pixel, kernel position, channel)
+        pixels = torch.zeros(ctx.pixels_shape, dtype=grad.dtype, device=grad.device)
+        for position in reversed(range(len(ctx.windows))):
+            rows, columns = ctx.windows[position]
+            window = pixels[:, rows, columns]
+            window.add_(pieces[:, :, position].view(window.shape))
+        return pixels.permute(0, 3, 1, 2), None, None
+
+
 class MatmulConv2d(nn.Conv2d):
     """`nn.Conv2d` computed as one matrix product over its input's patches (im2col).
 
@@ -305,15 +346,7 @@ class MatmulConv2d(nn.Conv2d):
         (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.stride
         n, channels, height, width = x.shape
         out_h, out_w = (height - kernel_h) // stride_h + 1, (width - kernel_w) // stride_w + 1
-        pixels = x.permute(0, 2, 3, 1)  # (n, h, w, c): a view of a channels_last tensor
-        patches = torch.cat(
-            [
-                pixels[:, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
-                for i in range(kernel_h)
-                for j in range(kernel_w)
-            ],
-            dim=-1,
-        ).reshape(n * out_h * out_w, kernel_h * kernel_w * channels)  # each row: a patch, (row, column, channel)
+        patches = _Patches.apply(x, self.kernel_size, self.stride)
         weight = self.weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * channels, self.out_channels)
         out = patches @ weight if self.bias is None else torch.addmm(self.bias, patches, weight)
         return out.view(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
