@@ -320,7 +320,7 @@ class _Patches(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         n, _, _, channels = ctx.pixels_shape
-        pieces = grad.view(n, -1, len(ctx.windows), channels)  # (image, output pixel, kernel position, channel)
+        pieces = grad.reshape(n, -1, len(ctx.windows), channels)  # (image, output pixel, kernel position, channel)
         pixels = torch.zeros(ctx.pixels_shape, dtype=grad.dtype, device=grad.device)
         for position in reversed(range(len(ctx.windows))):
             rows, columns = ctx.windows[position]
