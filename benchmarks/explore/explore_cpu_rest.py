@@ -39,6 +39,7 @@ from cnnlab.catalog import load_spec
 from cnnlab.config import Hardware, HardwareRequest
 from cnnlab.engine import build_train_step, new_model
 from cnnlab.hardware import keep_freed_memory_for_reuse, resolve_hardware
+import cnnlab.models as models
 from cnnlab.models import FastDropout, MatmulConv2d
 from cnnlab.optim import KerasAdam
 from explore_bf16_levers import interleaved  # run from this folder, as every explore script
@@ -146,66 +147,70 @@ def im2col_shapes() -> None:
         )
 
 
-def slices_forward(conv: MatmulConv2d, x: torch.Tensor) -> torch.Tensor:
-    """MatmulConv2d's forward as it was at commit 94b6414: its patches made by slices and
-    `cat` under plain autograd, whose backward zero-fills an image per kernel position and adds them
-    up (now `models._Patches` does the backward with one image, bit-equal)."""
-    if conv.padding != (0, 0):
-        pad_h, pad_w = conv.padding
-        x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-    (kernel_h, kernel_w), (stride_h, stride_w) = conv.kernel_size, conv.stride
-    n, channels, height, width = x.shape
-    out_h, out_w = (height - kernel_h) // stride_h + 1, (width - kernel_w) // stride_w + 1
-    pixels = x.permute(0, 2, 3, 1)
-    patches = torch.cat(
-        [
+class SlicePatches:
+    """`models._Patches` as it was at commit 94b6414: the patches made by slices and `cat` under plain
+    autograd, whose backward zero-fills an image per kernel position and adds them up (now
+    `models._Patches` does the backward with one image, bit-equal)."""
+
+    @staticmethod
+    def apply(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+        (kernel_h, kernel_w), (stride_h, stride_w) = kernel_size, stride
+        n, channels, height, width = x.shape
+        out_h, out_w = (height - kernel_h) // stride_h + 1, (width - kernel_w) // stride_w + 1
+        pixels = x.permute(0, 2, 3, 1)
+        windows = [
             pixels[:, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
             for i in range(kernel_h)
             for j in range(kernel_w)
-        ],
-        dim=-1,
-    ).reshape(n * out_h * out_w, kernel_h * kernel_w * channels)
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * channels, conv.out_channels)
-    out = patches @ weight if conv.bias is None else torch.addmm(conv.bias, patches, weight)
-    return out.view(n, out_h, out_w, conv.out_channels).permute(0, 3, 1, 2)
+        ]
+        return torch.cat(windows, dim=-1).reshape(n * out_h * out_w, kernel_h * kernel_w * channels)
 
 
-class SlicesMatmulConv2d(MatmulConv2d):
-    forward = slices_forward
+def with_slice_patches(fn: Callable[[], object]) -> Callable[[], None]:
+    """`fn` run with every MatmulConv2d making its patches as `SlicePatches` does."""
+
+    def run() -> None:
+        own = models._Patches
+        models._Patches = SlicePatches
+        try:
+            fn()
+        finally:
+            models._Patches = own
+
+    return run
 
 
-def patches_backward(models: list[str]) -> None:
+def patches_backward(names: list[str]) -> None:
     """MatmulConv2d (its patches' own backward) against its slices-and-cat form: convnet7's 3x3-pixel
     convolutions (after their bottom-right padding) and convnet5's last (5x5, padding itself), bit-equal
-    results? forward + backward in bf16; then cnnlab's bf16 step of MODELS each way, 15 rounds x 5."""
+    results? forward + backward in bf16; then cnnlab's bf16 step of each model each way, 15 rounds x 5."""
     for cin, cout, size, kernel, pad in [(128, 164, 3, 2, False), (164, 164, 3, 2, False), (128, 164, 3, 5, True)]:
-        slices = SlicesMatmulConv2d(cin, cout, kernel, padding=kernel // 2 if pad else 0)
-        own = MatmulConv2d(cin, cout, kernel, padding=kernel // 2 if pad else 0)
-        own.load_state_dict(slices.state_dict())
+        conv = MatmulConv2d(cin, cout, kernel, padding=kernel // 2 if pad else 0)
         x = channels_last((BATCH, cin, size, size), torch.bfloat16, grad=True)
         grad = channels_last((BATCH, cout, size, size), torch.bfloat16)
         results = []
-        for conv in (slices, own):
+
+        def forward_backward() -> None:
             x.grad = conv.weight.grad = conv.bias.grad = None
             with torch.autocast("cpu", torch.bfloat16):
                 y = conv(x if pad else F.pad(x, (0, 1, 0, 1)))
             y.backward(grad)
             results.append([y.view(torch.int16), x.grad.view(torch.int16), conv.weight.grad, conv.bias.grad])
+
+        with_slice_patches(forward_backward)()
+        forward_backward()
         equal = all(torch.equal(a, b) for a, b in zip(*results))
         x.grad = None
-        arms = {name: conv_arm(conv, x, grad, not pad, True) for name, conv in (("slices", slices), ("own", own))}
+        own = conv_arm(conv, x, grad, not pad, True)
+        arms = {"slices": with_slice_patches(own), "own": own}
         print(f"{cin}->{cout} on {size}x{size}, {kernel}x{kernel}: bit-equal {equal}; {rounds(arms)}", flush=True)
     keep_freed_memory_for_reuse()
     hardware = resolve_hardware(HardwareRequest(device="cpu", precision="bf16"))
-    for name in models:
-        arms = {"slices": default_step(name, hardware), "own": default_step(name, hardware)}
-        for module in arms["slices"].func.forward.modules():  # the TrainStep's model
-            if isinstance(module, MatmulConv2d):
-                module.forward = functools.partial(slices_forward, module)
+    for name in names:
+        arms = {"slices": with_slice_patches(default_step(name, hardware)), "own": default_step(name, hardware)}
         seconds = interleaved(arms, rounds=15, per_round=5)
         before, after = seconds["slices"] * 1000, seconds["own"] * 1000
         print(f"{name} bf16 step: slices {before:.2f} ms, own backward {after:.2f} ms: {before / after:.3f}x", flush=True)
-
 
 def step_ab(precision: str, models: list[str], field: str = "small_convs_as_matmul") -> None:
     """cnnlab's step with the Hardware switch `field` off and on (whatever the precision, the other
