@@ -132,8 +132,9 @@ PrecisionOpt = Annotated[
     typer.Option(
         "--precision",
         help="auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16. bf16's accuracy "
-        "against fp32 is unverified: on a CPU, convnet5 is equivalent within 0.15 pp after 4 epochs (32 seeds) "
-        "and 12 epochs (16 seeds), convnet7 at 12 epochs (20 seeds), convnet3 after 2 epochs (16 seeds), and convnet3 at "
+        "against fp32 is unverified: on a CPU, convnet5 is equivalent within 0.15 pp after 4 epochs (32 seeds; 8 on an "
+        "AMX CPU) and 12 epochs (16 seeds), convnet7 at 12 epochs (20 seeds), convnet3 after 2 epochs (16 seeds, AMX "
+        "too), and convnet3 at "
         "12 epochs is not worse by more than 0.15 pp; on a GPU all three are unresolved after 4 epochs (convnet7 0.7-2.5 pp behind); fp32 for "
         "numbers to publish (BENCHMARKS.md).",
     ),
